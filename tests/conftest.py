@@ -1,0 +1,52 @@
+"""Shared test helpers: compose a config the way ``regstory-run`` does, and run the CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from regstory.config import register_configs
+from regstory.train import conf_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(1)
+
+# Fast defaults for tests: no W&B, no progress output, one thread.
+FAST = ["logger.wandb.mode=disabled", "logger.progress=none", "trainer.num_threads=1"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_root(tmp_path_factory):
+    """A per-session data root, so tests never touch the user's cache (MNIST-1D is generated there once)."""
+    os.environ.setdefault("REGSTORY_DATA", str(tmp_path_factory.mktemp("data")))
+
+
+def make_cfg(*overrides: str, fast: bool = True):
+    """Compose ``conf/config.yaml`` with overrides, exactly as the CLI would (without Hydra's run dir)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        return compose("config", overrides=[*(FAST if fast else []), *overrides])
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300, check: bool = True,
+            module: bool = False) -> subprocess.CompletedProcess:
+    """Run ``regstory-run ARGS`` (or ``python -m regstory.train``) in a subprocess, one torch thread."""
+    exe = [sys.executable, "-m", "regstory.train"] if module else [str(Path(sys.executable).parent / "regstory-run")]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run([*exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"regstory-run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
