@@ -1,0 +1,56 @@
+"""Resume after a kill: the resumed run ends exactly where an uninterrupted run ends."""
+import pytest
+from omegaconf import OmegaConf
+
+from regstory.plugins import Plugin
+from regstory.train import run
+from tests.conftest import make_cfg, read_jsonl
+from tests.test_loop import strip_times
+
+
+class Killed(Exception):
+    pass
+
+
+class CrashAtEpoch(Plugin):
+    """Simulates a kill: raises at the start of a given epoch (after the previous epoch's checkpoint)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def start_epoch(self, ctx):
+        if ctx.epoch == self.epoch:
+            raise Killed
+
+
+OVERRIDES = ["dataset=mnist1d", "dataset.num_samples=1000", "arch=mlp", "arch.width=32", "arch.depth=1",
+             "trainer.epochs=5", "noise.rate=0.2", "trainer.schedule=multistep", "trainer.milestones=[2]",
+             "arch.activation=relu"]
+
+
+@pytest.mark.parametrize("crash_epoch", [1, 3])
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, crash_epoch):
+    full = run(make_cfg(*OVERRIDES), run_dir=tmp_path / "full")
+    crashing = make_cfg(*OVERRIDES)
+    crashing.method = OmegaConf.create({"_target_": "tests.test_resume.CrashAtEpoch", "epoch": crash_epoch})
+    with pytest.raises(Killed):
+        run(crashing, run_dir=tmp_path / "killed")
+    assert len(read_jsonl(tmp_path / "killed/metrics.jsonl")) == crash_epoch
+    resumed = run(make_cfg(*OVERRIDES, "resume=true"), run_dir=tmp_path / "killed")
+    assert strip_times(read_jsonl(tmp_path / "killed/metrics.jsonl")) == strip_times(read_jsonl(tmp_path / "full/metrics.jsonl"))
+    assert resumed["final_test_acc"] == full["final_test_acc"] and resumed["final_train_loss"] == full["final_train_loss"]
+
+
+def test_metrics_written_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+    run(make_cfg(*OVERRIDES[:-1], "trainer.epochs=2"), run_dir=tmp_path)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"round": 0, "epoch": 99}\n')  # a record the checkpoint never saw
+    run(make_cfg(*OVERRIDES[:-1], "trainer.epochs=2", "resume=true"), run_dir=tmp_path)
+    assert [r["epoch"] for r in read_jsonl(path)] == [0, 1]
+
+
+def test_resume_without_checkpoint_says_what_to_do(tmp_path):
+    from regstory.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="hydra.run.dir=<run dir> resume=true"):
+        run(make_cfg("dataset=digits", "resume=true"), run_dir=tmp_path)

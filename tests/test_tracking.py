@@ -1,0 +1,29 @@
+import json
+
+from regstory.train import run
+from tests.conftest import make_cfg
+
+
+def test_wandb_offline_run_is_written_under_the_run_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = make_cfg("dataset=digits", "arch=mlp", "arch.width=16", "trainer.epochs=2", "logger.wandb.mode=offline",
+                   "logger.wandb.group=g1", "logger.wandb.tags=[a,b]")
+    run(cfg, run_dir=tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "offline run has no .wandb file to sync"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["num_params"] > 0
+
+
+def test_wandb_disabled_writes_nothing(tmp_path):
+    run(make_cfg("dataset=digits", "arch=mlp", "arch.width=16", "trainer.epochs=1"), run_dir=tmp_path)
+    assert not (tmp_path / "wandb").exists()
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "provenance.json").exists()
+
+
+def test_flat_config_has_dotted_keys():
+    from regstory.config import flat_config
+
+    flat = flat_config(make_cfg("dataset=digits", "trainer.lr=0.3"))
+    assert flat["trainer.lr"] == 0.3 and flat["dataset.name"] == "digits" and flat["trainer.optimizer"] == "sgd"
