@@ -186,6 +186,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             start = restore(ctx, ckpt)
             log.info("resuming from %s at round %d, epoch %d", run_dir / "checkpoints" / LAST, start["round"], start["epoch"])
         if start is not None and start.get("finished"):
+            log.info("the run in %s had already finished; rewriting its summary only", run_dir)
             rounds = _read_rounds(run_dir)
         else:
             rounds = _read_rounds(run_dir) + fit(ctx, start)
