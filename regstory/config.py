@@ -85,6 +85,7 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    num_workers: int = 4  # DataLoader workers, for large sets read from disk (ImageNet, CelebA)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
     eval_every: int = 1
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
@@ -174,6 +175,7 @@ def check_values(cfg: DictConfig) -> None:
         (t.lr > 0, "trainer.lr", t.lr, "a number > 0"),
         (t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "a number >= 0"),
         (t.num_threads >= 0, "trainer.num_threads", t.num_threads, "an integer >= 0"),
+        (t.num_workers >= 0, "trainer.num_workers", t.num_workers, "an integer >= 0"),
         (t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an integer >= 1"),
         (t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1"),
         (0 <= cfg.dataset.get("val_fraction", 0.0) < 1, "dataset.val_fraction", cfg.dataset.get("val_fraction"), "in [0, 1)"),
