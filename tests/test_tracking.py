@@ -27,3 +27,23 @@ def test_flat_config_has_dotted_keys():
 
     flat = flat_config(make_cfg("dataset=digits", "trainer.lr=0.3"))
     assert flat["trainer.lr"] == 0.3 and flat["dataset.name"] == "digits" and flat["trainer.optimizer"] == "sgd"
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise(monkeypatch, caplog):
+    import logging
+    import sys
+
+    from regstory.config import Progress
+    from regstory.tracking import Progressbar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    plain = Progressbar(Progress.auto)
+    assert plain.mode is Progress.plain and list(plain.wrap([1, 2], 2, "x")) == [1, 2]
+    with caplog.at_level(logging.INFO, logger="regstory"):
+        plain.epoch_line({"round": 0, "epoch": 3, "train_loss": 0.5})
+    assert "epoch=3" in caplog.text and "train_loss=0.5" in caplog.text
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = Progressbar(Progress.auto)
+    assert bar.mode is Progress.bar
+    wrapped = bar.wrap(range(3), 3, "epoch 1")
+    assert type(wrapped).__name__ != "range_iterator" and list(wrapped) == [0, 1, 2]

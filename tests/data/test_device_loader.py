@@ -1,0 +1,52 @@
+import torch
+
+from regstory.data.base import Augment, TensorSplit
+from regstory.data.device_loader import TensorLoader, random_crop, random_flip
+
+
+def make_split(n=10):
+    return TensorSplit(torch.arange(n * 4.0).view(n, 1, 2, 2), torch.arange(n), {"bias": torch.arange(n) % 2})
+
+
+def test_batches_cover_the_split_once_and_carry_extras_and_index():
+    loader = TensorLoader(make_split(), batch_size=3, shuffle=True, seed=1)
+    batches = list(loader)
+    index = torch.cat([b["index"] for b in batches])
+    assert sorted(index.tolist()) == list(range(10)) and len(batches) == len(loader) == 4
+    for b in batches:
+        assert torch.equal(b["y"], b["index"]) and torch.equal(b["bias"], b["index"] % 2)
+
+
+def test_same_epoch_same_order_next_epoch_differs():
+    loader = TensorLoader(make_split(50), batch_size=50, shuffle=True, seed=1)
+    loader.set_epoch(0, 3)
+    a = next(iter(loader))["index"]
+    b = next(iter(loader))["index"]
+    loader.set_epoch(0, 4)
+    c = next(iter(loader))["index"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_random_crop_is_a_shifted_window_of_the_zero_padded_image():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop(x, 1, gen)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    windows = [padded[..., i : i + 4, j : j + 4] for i in range(3) for j in range(3)]
+    assert any(torch.equal(out, w) for w in windows)
+
+
+def test_flip_mirrors_about_half_the_images():
+    x = torch.arange(2.0).view(1, 1, 1, 2).repeat(1000, 1, 1, 1)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    flipped = (out[:, 0, 0, 0] == 1).float().mean()
+    assert 0.45 < flipped < 0.55
+
+
+def test_normalisation_and_shards():
+    split = make_split(10)
+    loader = TensorLoader(split, batch_size=10, mean=(1.0,), std=(2.0,))
+    assert torch.allclose(next(iter(loader))["x"], (split.x - 1) / 2)
+    shards = [torch.cat([b["index"] for b in TensorLoader(split, 4, shard=(r, 3))]) for r in range(3)]
+    assert all(len(s) == 4 for s in shards)  # ceil(10 / 3) each, padded by wrapping
+    assert set(torch.cat(shards).tolist()) == set(range(10))
