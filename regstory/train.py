@@ -48,8 +48,9 @@ def resolve_device(name: str) -> torch.device:
 
 def configure_torch(cfg: DictConfig) -> None:
     t = cfg.trainer
-    if t.num_threads:
-        torch.set_num_threads(int(t.num_threads))
+    threads = int(t.num_threads) or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # env: e.g. a launcher's env_set
+    if threads:
+        torch.set_num_threads(threads)
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -85,6 +86,7 @@ def provenance(cfg: DictConfig, data_fingerprint: str) -> dict[str, Any]:
     return {
         "git_commit": commit,
         "seed": int(cfg.seed),
+        "torch_num_threads": torch.get_num_threads(),
         "data_fingerprint": data_fingerprint,
         "python": sys.version.split()[0],
         "packages": {p: version(p) for p in ("regstory", "torch", "torchvision", "hydra-core", "wandb", "numpy")},
