@@ -181,6 +181,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
             raise CheckpointError(f"resume=true but there is no checkpoint at '{ckpt_path}'; "
                                   f"pass the run's folder with hydra.run.dir=<run dir> resume=true")
         ckpt = load_checkpoint(ckpt_path)
+    else:
+        refuse_to_overwrite(run_dir)
 
     seed_everything(int(cfg.seed))
     bundle = prepare_data(cfg, run_dir if main_process else None)
@@ -222,6 +224,14 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
         return summary
     finally:
         logger.finish(summary, exit_code)
+
+
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A fresh run never writes into a run dir that already holds a run's checkpoint or metrics."""
+    taken = [name for name in (f"checkpoints/{LAST}", "metrics.jsonl") if (run_dir / name).exists()]
+    if taken:
+        raise ConfigError(f"run dir '{run_dir}' already holds a run ({', '.join(taken)}); continue it with "
+                          f"resume=true, or start a new run in another hydra.run.dir")
 
 
 def restore(ctx: RunContext, ckpt: dict[str, Any]) -> dict[str, Any]:
