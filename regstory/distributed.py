@@ -15,10 +15,11 @@ torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; when ``WORLD_SIZE > 1
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -80,6 +81,16 @@ def share_run_dir(run_dir: Path | None, env: DistEnv) -> Path:
     box = [str(run_dir) if env.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0])
+
+
+@contextlib.contextmanager
+def main_process_first(env: DistEnv) -> Iterator[None]:
+    """Rank 0 runs the block first (downloads, writes data caches); the other ranks run it after, from the cache."""
+    if env.active and not env.is_main:
+        dist.barrier()
+    yield
+    if env.active and env.is_main:
+        dist.barrier()
 
 
 def per_rank_batch_size(global_batch: int, env: DistEnv) -> int:

@@ -185,7 +185,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
         refuse_to_overwrite(run_dir)
 
     seed_everything(int(cfg.seed))
-    bundle = prepare_data(cfg, run_dir if main_process else None)
+    with distributed.main_process_first(env):  # one download / data cache write, then the other ranks read it
+        bundle = prepare_data(cfg, run_dir if main_process else None)
     model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
