@@ -22,7 +22,7 @@ from regstory import distributed
 from regstory.loop import NonFiniteLossError, RunContext, fit
 from regstory.models.base import count_parameters
 from regstory.plugins import Plugin
-from regstory.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionGuard, auto_resume, exit_after_preemption
+from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption
 from regstory.registry import UnknownNameError
 from regstory.tracking import RunLogger
 from regstory.utils import atomic_write_json, seed_everything, set_rng_states
@@ -271,7 +271,7 @@ def _explain(err: BaseException) -> str:
 
 def run_or_exit(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | None:
     """:func:`run`, with a user error shown as one line and exit status 2, and a preemption as exit status
-    :data:`PREEMPTED_EXIT_CODE` (or a submitit requeue). File-system errors (disk full...) are user errors too."""
+    ``regstory.preemption.PREEMPTED_EXIT_CODE`` (or a submitit requeue). File-system errors (disk full...) are user errors too."""
     try:
         return run(cfg, run_dir)
     except Preempted as err:

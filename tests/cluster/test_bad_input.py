@@ -39,7 +39,6 @@ CASES = [
     ("missing-data-on-resume", ["dataset=cifar10", "data.download=false", "data.root={empty}", "resume=true"], 2,
      "dataset 'cifar10' not found"),
     ("fresh-run-into-existing-run", [], 2, "already holds a run"),
-    ("resume-without-checkpoint", ["resume=true", "hydra.run.dir={empty}"], 2, "no checkpoint"),
 ]
 
 
