@@ -295,6 +295,10 @@ def worker_rank_main(overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
     logging.basicConfig(level=logging.WARNING, format=f"[rank {os.environ.get('RANK')}] %(levelname)s %(message)s")
+    if any(o in ("-m", "--multirun") or o.startswith("-") for o in overrides):
+        print("regstory-run: error: under torchrun pass plain overrides for one run (no -m/--multirun or Hydra "
+              "flags); sweep with a launcher instead", file=sys.stderr)
+        raise SystemExit(2)
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         cfg = compose("config", overrides=[o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
     run_or_exit(cfg)
