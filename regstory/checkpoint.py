@@ -20,7 +20,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Serialise to memory first, then write-then-rename: a kill mid-write leaves the previous file intact."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as err:  # disk full, quota, read-only file system: the previous checkpoint is untouched
+        raise CheckpointError(f"cannot write checkpoint '{path}' ({err.strerror or err}); "
+                              f"the previous checkpoint in that folder is kept; free space and resume with "
+                              f"resume=true hydra.run.dir={Path(path).parent.parent}") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

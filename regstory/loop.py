@@ -49,6 +49,8 @@ class RunContext:
     forward_model: nn.Module | None = None  # the model called in training (compiled / DDP-wrapped); defaults to model
     is_main_process: bool = True
     on_checkpoint: list[Callable[["RunContext"], None]] = field(default_factory=list)
+    preemption: Any = None  # regstory.preemption.PreemptionGuard (or its DDP-collective wrapper); None: never stop
+    reduce_metrics: Callable[[dict], dict] | None = None  # DDP: average the per-rank train metrics over ranks
     started_at: float = field(default_factory=time.perf_counter)
     wall_before: float = 0.0  # wall time spent by earlier (killed) processes of a resumed run
 
@@ -262,8 +264,11 @@ def fit(ctx: RunContext, start: dict[str, Any] | None = None) -> list[dict[str, 
             ctx.history.append(record)
             ctx.logger.log_epoch(record)
             last = ctx.epoch + 1 == ctx.epochs
-            if last or (ctx.epoch + 1) % int(ctx.cfg.trainer.checkpoint_every) == 0:
+            preempted = ctx.preemption is not None and ctx.preemption.requested  # read once: a collective in DDP
+            if last or preempted or (ctx.epoch + 1) % int(ctx.cfg.trainer.checkpoint_every) == 0:
                 save(ctx, ctx.round, ctx.epoch + 1, round_started=True)
+            if preempted:
+                raise ctx.preemption.preempted(ctx.run_dir, ctx.round, ctx.epoch + 1)
         round_record = {"round": ctx.round, **{k: v for k, v in ctx.history[-1].items() if k not in ("round", "epoch")}}
         for p in ctx.plugins:
             round_record.update(p.end_round(ctx))
@@ -286,7 +291,8 @@ def run_epoch(ctx: RunContext, hooks: HookCaller) -> dict[str, Any]:
     lr = ctx.optimizer.param_groups[0]["lr"]
     batches = ctx.logger.progress.wrap(loader, len(loader), f"round {ctx.round} epoch {ctx.epoch + 1}/{ctx.epochs}")
     record: dict[str, Any] = {"round": ctx.round, "epoch": ctx.epoch}
-    record.update(train_one_epoch(ctx, hooks, batches))
+    train_metrics = train_one_epoch(ctx, hooks, batches)
+    record.update(ctx.reduce_metrics(train_metrics) if ctx.reduce_metrics is not None else train_metrics)
     if ctx.scheduler is not None:
         ctx.scheduler.step()
     if not torch.isfinite(torch.tensor(record["train_loss"])):

@@ -18,9 +18,11 @@ from regstory.checkpoint import LAST, CheckpointError, load_checkpoint
 from regstory.config import ConfigError, check_targets, check_values, flat_config, register_configs
 from regstory.data.base import DatasetNotFoundError
 from regstory.data.prepare import fingerprint, make_loaders, prepare_data
+from regstory import distributed
 from regstory.loop import NonFiniteLossError, RunContext, fit
 from regstory.models.base import count_parameters
 from regstory.plugins import Plugin
+from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption
 from regstory.registry import UnknownNameError
 from regstory.tracking import RunLogger
 from regstory.utils import atomic_write_json, seed_everything, set_rng_states
@@ -46,8 +48,9 @@ def resolve_device(name: str) -> torch.device:
 
 def configure_torch(cfg: DictConfig) -> None:
     t = cfg.trainer
-    if t.num_threads:
-        torch.set_num_threads(int(t.num_threads))
+    threads = int(t.num_threads) or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # env: e.g. a launcher's env_set
+    if threads:
+        torch.set_num_threads(threads)
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -83,6 +86,7 @@ def provenance(cfg: DictConfig, data_fingerprint: str) -> dict[str, Any]:
     return {
         "git_commit": commit,
         "seed": int(cfg.seed),
+        "torch_num_threads": torch.get_num_threads(),
         "data_fingerprint": data_fingerprint,
         "python": sys.version.split()[0],
         "packages": {p: version(p) for p in ("regstory", "torch", "torchvision", "hydra-core", "wandb", "numpy")},
@@ -144,37 +148,62 @@ def _read_rounds(run_dir: Path) -> list[dict]:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train as the config says and return the summary (also written to ``<run_dir>/summary.json``)."""
-    run_dir = Path(run_dir) if run_dir is not None else _hydra_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train as the config says and return the summary (also written to ``<run_dir>/summary.json``).
+
+    Under torchrun (``WORLD_SIZE > 1``) this is one rank of a data-parallel run (:mod:`regstory.distributed`).
+    SIGTERM/SIGUSR1/SIGUSR2 stop the run at the next epoch boundary with its checkpoint written
+    (:mod:`regstory.preemption`, raises :class:`Preempted`).
+    """
     check_values(cfg)
     check_targets(cfg)
+    env = distributed.env_from_torchrun()
+    if run_dir is None and not (env.active and not env.is_main):
+        run_dir = _hydra_run_dir()
     configure_torch(cfg)
-    device = resolve_device(str(cfg.trainer.device))
+    device = distributed.init(resolve_device(str(cfg.trainer.device)), env)
+    try:
+        run_dir = distributed.share_run_dir(Path(run_dir) if run_dir is not None else None, env)
+        with PreemptionGuard() as guard:
+            return _run(cfg, run_dir, device, env, guard)
+    finally:
+        distributed.shutdown(env)
 
+
+def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.DistEnv,
+         guard: PreemptionGuard) -> dict[str, Any]:
+    main_process = env.is_main
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = None
-    if cfg.resume:
-        ckpt_path = run_dir / "checkpoints" / LAST
+    ckpt_path = run_dir / "checkpoints" / LAST
+    if auto_resume(cfg.resume, ckpt_path):
         if not ckpt_path.exists():
             raise CheckpointError(f"resume=true but there is no checkpoint at '{ckpt_path}'; "
                                   f"pass the run's folder with hydra.run.dir=<run dir> resume=true")
         ckpt = load_checkpoint(ckpt_path)
+    else:
+        refuse_to_overwrite(run_dir)
 
     seed_everything(int(cfg.seed))
-    bundle = prepare_data(cfg, run_dir)
+    with distributed.main_process_first(env):  # one download / data cache write, then the other ranks read it
+        bundle = prepare_data(cfg, run_dir if main_process else None)
     model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     plugins = build_plugins(cfg)
-    logger = RunLogger(run_dir, cfg.logger, flat_config(cfg), ckpt["wandb_id"] if ckpt else None, sweep_group())
-    ctx = RunContext(cfg=cfg, model=model, data=bundle, loaders=make_loaders(bundle, cfg, device), device=device,
-                     plugins=plugins, run_dir=run_dir, logger=logger)
+    logger = RunLogger(run_dir, cfg.logger, flat_config(cfg), ckpt["wandb_id"] if ckpt else None, sweep_group(),
+                       enabled=main_process)
+    ctx = RunContext(cfg=cfg, model=model, data=bundle, device=device, plugins=plugins, run_dir=run_dir,
+                     loaders=make_loaders(bundle, cfg, device, shard=(env.rank, env.world)), logger=logger,
+                     is_main_process=main_process, preemption=guard)
+    distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
     if cfg.trainer.compile:
-        ctx.forward_model = torch.compile(model)
+        ctx.forward_model = torch.compile(ctx.net)
     if str(cfg.trainer.precision) == "fp16" and device.type == "cuda":
         ctx.scaler = torch.amp.GradScaler("cuda")
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    atomic_write_json(run_dir / "provenance.json", provenance(cfg, fingerprint(bundle)))
+    if main_process:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        atomic_write_json(run_dir / "provenance.json", provenance(cfg, fingerprint(bundle)))
     for p in plugins:
         p.setup(ctx)
 
@@ -184,18 +213,27 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         start = None
         if ckpt is not None:
             start = restore(ctx, ckpt)
-            log.info("resuming from %s at round %d, epoch %d", run_dir / "checkpoints" / LAST, start["round"], start["epoch"])
+            log.info("resuming from %s at round %d, epoch %d", ckpt_path, start["round"], start["epoch"])
         if start is not None and start.get("finished"):
             log.info("the run in %s had already finished; rewriting its summary only", run_dir)
             rounds = _read_rounds(run_dir)
         else:
             rounds = _read_rounds(run_dir) + fit(ctx, start)
         summary = summarize(ctx, rounds, ctx.wall_time_s)
-        atomic_write_json(run_dir / "summary.json", summary)
+        if main_process:
+            atomic_write_json(run_dir / "summary.json", summary)
         exit_code = 0
         return summary
     finally:
         logger.finish(summary, exit_code)
+
+
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A fresh run never writes into a run dir that already holds a run's checkpoint or metrics."""
+    taken = [name for name in (f"checkpoints/{LAST}", "metrics.jsonl") if (run_dir / name).exists()]
+    if taken:
+        raise ConfigError(f"run dir '{run_dir}' already holds a run ({', '.join(taken)}); continue it with "
+                          f"resume=true, or start a new run in another hydra.run.dir")
 
 
 def restore(ctx: RunContext, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -232,20 +270,48 @@ def _explain(err: BaseException) -> str:
     return f"{err}" if isinstance(err, USER_ERRORS + (ValueError, TypeError)) else f"{type(err).__name__}: {err}"
 
 
-def hydra_entry(cfg: DictConfig) -> dict[str, Any] | None:
+def run_or_exit(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """:func:`run`, with a user error shown as one line and exit status 2, and a preemption as exit status
+    ``regstory.preemption.PREEMPTED_EXIT_CODE`` (or a submitit requeue). File-system errors (disk full...) are user errors too."""
     try:
-        return run(cfg)
-    except USER_ERRORS + (InstantiationException,) as err:
+        return run(cfg, run_dir)
+    except Preempted as err:
+        log.warning("%s", err)
+        exit_after_preemption(err)
+    except USER_ERRORS + (InstantiationException, OSError) as err:
         message = _explain(err)
         log.error(message)
         print(f"regstory-run: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    return None
+
+
+def hydra_entry(cfg: DictConfig) -> dict[str, Any] | None:
+    return run_or_exit(cfg)
+
+
+def worker_rank_main(overrides: list[str]) -> None:
+    """A non-zero torchrun rank: compose the same config as rank 0 without Hydra's run dir, logs and folders
+    (rank 0 creates those and tells the other ranks where the run dir is)."""
+    from hydra import compose, initialize_config_dir
+
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {os.environ.get('RANK')}] %(levelname)s %(message)s")
+    if any(o in ("-m", "--multirun") or o.startswith("-") for o in overrides):
+        print("regstory-run: error: under torchrun pass plain overrides for one run (no -m/--multirun or Hydra "
+              "flags); sweep with a launcher instead", file=sys.stderr)
+        raise SystemExit(2)
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose("config", overrides=[o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
+    run_or_exit(cfg)
 
 
 def main() -> None:
     import hydra
 
     register_configs()
+    if distributed.is_worker_rank():
+        worker_rank_main(sys.argv[1:])
+        return
     hydra.main(version_base=None, config_path=conf_dir(), config_name="config")(hydra_entry)()
 
 
