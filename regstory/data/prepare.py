@@ -67,7 +67,7 @@ def prepare_data(cfg: DictConfig, run_dir: Path | None) -> DataBundle:
 def make_loaders(bundle: DataBundle, cfg: DictConfig, device: torch.device, shard: tuple[int, int] = (0, 1)) -> dict:
     """Tensor loaders on ``device``: shuffled + augmented for train, plain for val/test."""
     t = cfg.trainer
-    norm = dict(mean=bundle.mean, std=bundle.std)
+    norm = dict(mean=bundle.mean, std=bundle.std, channels_last=bool(t.channels_last))
     loaders = {
         "train": TensorLoader(bundle.train.to(device), int(t.batch_size), shuffle=True, augment=bundle.augment,
                               seed=int(cfg.seed), shard=shard, **norm),

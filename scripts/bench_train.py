@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Throughput of regstory's training loop against a plain PyTorch loop, in one process (issue 8).
+
+(a) **baseline**: the loop as it is usually written -- a torchvision-style ``Dataset`` (``__getitem__`` returns one
+    sample, per-sample transforms), ``DataLoader`` collation, ``.to(device)`` per batch, ``torch.optim.SGD`` with its
+    default implementation, and ``loss.item()`` / accuracy ``.item()`` every step;
+(b) **regstory**: the RunContext built through regstory's own code (``prepare_data``/``make_loaders``,
+    ``instantiate(cfg.arch)``, ``build_plugins``, ``RunContext.rebuild_optimizer``) and timed through
+    :func:`regstory.loop.run_epoch`, i.e. exactly what ``regstory-run`` executes per epoch (no evaluation, which both
+    loops would pay equally).
+
+Both start from the same weights, use the same batch size, optimizer settings and data. Measurements are interleaved
+(one epoch of each variant in turn, the order rotated every repeat) and the median is reported, because the machine's
+cores are shared. When ``regstory.pruning`` exists, the run also times regstory's loop with a pruning method active
+(masks in place) and with entropy logging switched on, and reports each as an extra fraction of the plain epoch.
+
+    python scripts/bench_train.py --arch mlp --dataset mnist1d
+    python scripts/bench_train.py --arch lenet5 --dataset synthetic28
+    python scripts/bench_train.py --arch resnet18 --dataset synthetic32 --device cuda --precision bf16 --channels-last
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from regstory.config import register_configs  # noqa: E402
+from regstory.data.base import Augment, DataBundle, TensorSplit  # noqa: E402
+from regstory.data.prepare import make_loaders, prepare_data  # noqa: E402
+from regstory.loop import HookCaller, RunContext, run_epoch  # noqa: E402
+from regstory.tracking import RunLogger  # noqa: E402
+from regstory.train import build_plugins, conf_dir, configure_torch, resolve_device  # noqa: E402
+
+#: synthetic sets: (input shape, augment, mean/std); labels are random, the content does not matter for speed
+SYNTHETIC = {
+    "synthetic28": ((1, 28, 28), Augment(), ((0.5,), (0.25,))),
+    "synthetic32": ((3, 32, 32), Augment(crop_padding=4, flip=True), ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))),
+}
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+def compose_cfg(args: argparse.Namespace, extra: list[str] = ()):
+    """The config exactly as ``regstory-run`` composes it; evaluation and checkpoints pushed out of the timed epochs."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    dataset = "digits" if args.dataset in SYNTHETIC else args.dataset  # synthetic sets replace the bundle below
+    overrides = [
+        f"arch={args.arch}", f"dataset={dataset}", "logger.wandb.mode=disabled", "logger.progress=none",
+        f"trainer.batch_size={args.batch_size}", f"trainer.lr={args.lr}", f"trainer.momentum={args.momentum}",
+        "trainer.epochs=1000000", "trainer.eval_every=1000000", f"trainer.device={args.device}",
+        f"trainer.precision={args.precision}", f"trainer.channels_last={str(args.channels_last).lower()}",
+        f"trainer.compile={str(args.compile).lower()}", f"trainer.num_threads={args.threads}",
+        *args.override, *extra,
+    ]
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def synthetic_bundle(name: str, num_train: int, seed: int = 0) -> DataBundle:
+    shape, augment, (mean, std) = SYNTHETIC[name]
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda n: TensorSplit(torch.rand(n, *shape, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+    return DataBundle(name, make(num_train), make(256), 10, augment=augment, mean=mean, std=std)
+
+
+def load_bundle(args: argparse.Namespace, cfg) -> DataBundle:
+    if args.dataset in SYNTHETIC:
+        return synthetic_bundle(args.dataset, args.num_train)
+    return prepare_data(cfg, None)
+
+
+def build_regstory_context(cfg, bundle: DataBundle, model: nn.Module, run_dir: Path) -> RunContext:
+    """What :func:`regstory.train.run` builds before ``fit``: loaders, plugins, logger, compile/precision options."""
+    device = resolve_device(str(cfg.trainer.device))
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    logger = RunLogger(run_dir, cfg.logger, {}, None, None)
+    ctx = RunContext(cfg=cfg, model=model, data=bundle, loaders=make_loaders(bundle, cfg, device), device=device,
+                     plugins=build_plugins(cfg), run_dir=run_dir, logger=logger)
+    if cfg.trainer.compile:
+        ctx.forward_model = torch.compile(model)
+    if str(cfg.trainer.precision) == "fp16" and device.type == "cuda":
+        ctx.scaler = torch.amp.GradScaler("cuda")
+    for p in ctx.plugins:
+        p.setup(ctx)
+    ctx.rebuild_optimizer()
+    for p in ctx.plugins:
+        p.start_round(ctx)
+    return ctx
+
+
+def regstory_epoch(ctx: RunContext) -> Callable[[], None]:
+    hooks = HookCaller(ctx.plugins)
+
+    def epoch() -> None:
+        run_epoch(ctx, hooks)
+        ctx.epoch += 1
+
+    return epoch
+
+
+# ------------------------------------------------------------------------------------------------ the baseline
+class SampleDataset(Dataset):
+    """A torchvision-style dataset: one (image, label) per ``__getitem__``, per-sample ``transform``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform=None):
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.y[i])
+
+
+def baseline_transform(bundle: DataBundle):
+    """torchvision transforms as a usual script would chain them (crop, flip, normalise), or None."""
+    from torchvision import transforms as T
+
+    steps = []
+    if bundle.augment.crop_padding:
+        steps.append(T.RandomCrop(bundle.input_shape[-1], padding=bundle.augment.crop_padding))
+    if bundle.augment.flip:
+        steps.append(T.RandomHorizontalFlip())
+    if bundle.mean is not None:
+        steps.append(T.Normalize(bundle.mean, bundle.std))
+    return T.Compose(steps) if steps else None
+
+
+def baseline_epoch(model: nn.Module, bundle: DataBundle, args: argparse.Namespace, device: torch.device,
+                   amp_dtype: torch.dtype | None) -> Callable[[], None]:
+    """The usual loop: DataLoader, ``.to(device)``, zero_grad/backward/step, ``.item()`` every step."""
+    dataset = SampleDataset(bundle.train.x, bundle.train.y, baseline_transform(bundle))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    channels_last = args.baseline_channels_last and bundle.train.x.ndim == 4
+
+    def epoch() -> None:
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+
+    return epoch
+
+
+def floor_epoch(model: nn.Module, bundle: DataBundle, args: argparse.Namespace, device: torch.device,
+                amp_dtype: torch.dtype | None) -> Callable[[], None]:
+    """A lower bound, not a training loop: forward + loss + backward on contiguous slices of one input tensor
+    (no shuffle, no augmentation, no optimizer step, no metrics). What autograd alone costs for this model."""
+    x = bundle.train.x.to(device)
+    if args.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = bundle.train.y.to(device)
+    model.train()
+
+    def epoch() -> None:
+        for start in range(0, len(y), args.batch_size):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(model(x[start:start + args.batch_size]), y[start:start + args.batch_size])
+            loss.backward()
+
+    return epoch
+
+
+# ------------------------------------------------------------------------------------------------- measurement
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(variants: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                        device: torch.device) -> dict[str, float]:
+    """Seconds per epoch of each variant: median over ``repeats`` rounds, variants in turn (order rotated)."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            sync(device)
+            t0 = time.perf_counter()
+            variants[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def train_step_flops(model: nn.Module, bundle: DataBundle, batch_size: int, device: torch.device) -> float:
+    """FLOPs of one forward + backward on a full batch (torch's flop counter; the optimizer is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).to(device)
+    x = bundle.train.x[:batch_size].to(device)
+    y = bundle.train.y[:batch_size].to(device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(probe(x), y).backward()
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------- pruning extras
+def pruning_variants(args: argparse.Namespace, bundle: DataBundle, init_model: nn.Module,
+                     tmp: Path) -> tuple[dict[str, Callable[[], None]], str]:
+    """regstory's loop with a pruning method's masks active (after one prune) and with entropy logging on."""
+    spec = importlib.util.find_spec("regstory.pruning")
+    if spec is None or spec.origin is None:  # absent, or only an empty namespace folder
+        return {}, "n/a (regstory.pruning not present)"
+    variants: dict[str, Callable[[], None]] = {}
+    notes = []
+    for label, extra in (("masks", [f"method={args.mask_method}", *args.mask_override]),
+                         ("entropy", [f"method={args.mask_method}", *args.entropy_override])):
+        if label == "entropy" and not args.entropy_override:
+            notes.append("entropy: n/a (pass --entropy-override KEY=VALUE to switch entropy logging on)")
+            continue
+        try:
+            cfg = compose_cfg(args, extra)
+            ctx = build_regstory_context(cfg, bundle, copy.deepcopy(init_model), tmp / label)
+            for p in ctx.plugins:  # one pruning step so that masks are really applied in the timed epochs
+                p.end_round(ctx)
+            ctx.rebuild_optimizer()
+            ctx.round = 1
+            for p in ctx.plugins:
+                p.start_round(ctx)
+            variants[f"regstory+{label}"] = regstory_epoch(ctx)
+        except Exception as err:  # an API this bench cannot drive: say so, time the rest
+            notes.append(f"{label}: n/a ({type(err).__name__}: {err})")
+    return variants, "; ".join(notes)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="mlp", help="a conf/arch option (mlp, lenet5, resnet18, ...)")
+    p.add_argument("--dataset", default="mnist1d", help="a conf/dataset option, or synthetic28 / synthetic32")
+    p.add_argument("--num-train", type=int, default=4000, help="training samples of a synthetic set")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (CUDA)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="trainer.channels_last=true for regstory (and the floor); the baseline stays NCHW as usually "
+                        "written unless --baseline-channels-last")
+    p.add_argument("--baseline-channels-last", action="store_true", help="the baseline in channels-last too")
+    p.add_argument("--no-floor", action="store_true", help="skip the fwd+bwd-only lower bound")
+    p.add_argument("--compile", action="store_true", help="trainer.compile=true for regstory (no gain on CPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cores are shared)")
+    p.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
+    p.add_argument("--repeats", type=int, default=9, help="timed epochs per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed epochs per variant first")
+    p.add_argument("--peak-flops", type=float, default=989e12,
+                   help="peak bf16 FLOP/s for the utilisation line on CUDA (default: H100 SXM dense bf16)")
+    p.add_argument("--mask-method", default="imp", help="conf/method option whose masks are timed")
+    p.add_argument("--mask-override", action="append", default=[], help="extra override for the masks variant")
+    p.add_argument("--entropy-override", action="append", default=[],
+                   help="override(s) that switch entropy logging on for the entropy variant")
+    p.add_argument("--override", action="append", default=[], help="any further Hydra override for regstory")
+    p.add_argument("--no-baseline", action="store_true", help="time regstory only")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = compose_cfg(args)
+    configure_torch(cfg)
+    device = resolve_device(str(cfg.trainer.device))
+    torch.manual_seed(0)
+    bundle = load_bundle(args, cfg)
+    init_model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp_dtype = amp_dtype if device.type == "cuda" else None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        variants: dict[str, Callable[[], None]] = {}
+        if not args.no_baseline:
+            base_model = copy.deepcopy(init_model).to(device)
+            if args.baseline_channels_last:
+                base_model = base_model.to(memory_format=torch.channels_last)
+            variants["baseline"] = baseline_epoch(base_model, bundle, args, device, amp_dtype)
+        if not args.no_floor:
+            floor_model = copy.deepcopy(init_model).to(device)
+            if args.channels_last:
+                floor_model = floor_model.to(memory_format=torch.channels_last)
+            variants["floor (fwd+bwd)"] = floor_epoch(floor_model, bundle, args, device, amp_dtype)
+        ctx = build_regstory_context(cfg, bundle, copy.deepcopy(init_model).to(device), tmp / "plain")
+        variants["regstory"] = regstory_epoch(ctx)
+        extra, note = pruning_variants(args, bundle, init_model.to(device), tmp)
+        variants.update(extra)
+        medians = interleaved_medians(variants, args.repeats, args.warmup, device)
+
+    n = len(bundle.train)
+    print(f"# bench_train: arch={args.arch} dataset={args.dataset} n_train={n} batch={args.batch_size} "
+          f"device={device} precision={args.precision} channels_last={args.channels_last} "
+          f"baseline_channels_last={args.baseline_channels_last} compile={args.compile} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
+    for name, sec in medians.items():
+        print(f"{name:>18s}: {sec * 1e3:9.1f} ms/epoch  {n / sec:11.0f} images/s")
+    result = {f"{k}_s": v for k, v in medians.items()}
+    if "baseline" in medians:
+        ratio = medians["baseline"] / medians["regstory"]
+        result["speedup"] = ratio
+        print(f"{'speedup':>18s}: {ratio:.2f}x  (regstory images/s / baseline images/s)")
+    for label in ("masks", "entropy"):
+        key = f"regstory+{label}"
+        if key in medians:
+            cost = medians[key] / medians["regstory"] - 1.0
+            result[f"{label}_cost"] = cost
+            print(f"{label + ' cost':>18s}: {cost * 100:+.1f}% of a regstory epoch")
+    if note or "regstory+masks" not in medians:
+        print(f"{'pruning extras':>18s}: {note}")
+    flops = train_step_flops(init_model, bundle, args.batch_size, device)
+    steps = n / args.batch_size
+    achieved = flops * steps / medians["regstory"]
+    line = f"{'regstory FLOP/s':>18s}: {achieved / 1e9:.1f} GFLOP/s (fwd+bwd, {flops / 1e9:.3f} GFLOP per step)"
+    if device.type == "cuda":
+        line += f", {achieved / args.peak_flops * 100:.2f}% of peak {args.peak_flops:.3g}"
+    print(line)
+    return result
+
+
+if __name__ == "__main__":
+    main()
