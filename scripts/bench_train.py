@@ -237,11 +237,16 @@ def train_step_flops(model: nn.Module, bundle: DataBundle, batch_size: int, devi
 
 
 # ---------------------------------------------------------------------------------------- pruning extras
+def pruning_available() -> bool:
+    """True when ``regstory.pruning`` is a real package (not absent, not an empty namespace folder)."""
+    spec = importlib.util.find_spec("regstory.pruning")
+    return spec is not None and spec.origin is not None
+
+
 def pruning_variants(args: argparse.Namespace, bundle: DataBundle, init_model: nn.Module,
                      tmp: Path) -> tuple[dict[str, Callable[[], None]], str]:
     """regstory's loop with a pruning method's masks active (after one prune) and with entropy logging on."""
-    spec = importlib.util.find_spec("regstory.pruning")
-    if spec is None or spec.origin is None:  # absent, or only an empty namespace folder
+    if not pruning_available():
         return {}, "n/a (regstory.pruning not present)"
     variants: dict[str, Callable[[], None]] = {}
     notes = []

@@ -34,3 +34,15 @@ def test_baseline_dataset_is_per_sample_and_uses_torchvision_transforms(bench):
     assert names == ["RandomCrop", "RandomHorizontalFlip", "Normalize"]
     x, y = bench.SampleDataset(bundle.train.x, bundle.train.y, transform)[3]
     assert x.shape == (3, 32, 32) and isinstance(y, int)
+
+
+def test_mask_and_entropy_costs_are_timed_through_the_plugin_hooks(bench, capsys, monkeypatch):
+    """With a pruning package present, the bench prunes once through ``end_round`` and times the masked loop; here
+    ``method=none`` stands in for a pruning method so the path runs without regstory.pruning."""
+    monkeypatch.setattr(bench, "pruning_available", lambda: True)
+    result = bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--num-train", "128", "--batch-size", "64",
+                         "--repeats", "1", "--warmup", "0", "--no-baseline", "--no-floor", "--mask-method", "none",
+                         "--entropy-override", "trainer.lr=0.05"])
+    out = capsys.readouterr().out
+    assert {"regstory+masks_s", "regstory+entropy_s", "masks_cost", "entropy_cost"} <= set(result)
+    assert "masks cost" in out and "entropy cost" in out
