@@ -178,7 +178,7 @@ def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[s
     accuracy and loss terms are summed in device tensors and read once at the end of the epoch, so on a GPU the
     host queues steps ahead of the device. Config values are read once per epoch, not per step.
     """
-    net, optimizer, scaler = ctx.net, ctx.optimizer, ctx.scaler
+    net, scaler = ctx.net, ctx.scaler
     net.train()
     use_amp = not isinstance(ctx.autocast(), contextlib.nullcontext)
     grad_clip = ctx.cfg.trainer.grad_clip
@@ -192,6 +192,7 @@ def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[s
         with ctx.autocast() if use_amp else _NO_AUTOCAST:
             out = forward(net, batch, needs_features)
             loss, terms = compute_loss(ctx, hooks, batch, out)
+        optimizer = ctx.optimizer  # read per step: a hook may rebuild it
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
