@@ -197,6 +197,43 @@ def floor_epoch(model: nn.Module, bundle: DataBundle, args: argparse.Namespace, 
     return epoch
 
 
+def vmapped_seeds_epoch(init_model: nn.Module, bundle: DataBundle, args: argparse.Namespace,
+                        device: torch.device) -> Callable[[], None]:
+    """``--parallel-seeds k``: k independently initialised copies of the model trained at once with
+    ``torch.func.vmap`` over stacked parameters (one batched matmul per layer), fused SGD on the stacks. All copies see
+    the same batches here: this measures the throughput of the batched step, not a full multi-seed runner."""
+    from torch.func import functional_call, stack_module_state
+
+    models = []
+    for seed in range(args.parallel_seeds):
+        torch.manual_seed(seed)
+        model = copy.deepcopy(init_model)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        models.append(model.to(device))
+    params, buffers = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    optimizer = torch.optim.SGD(list(params.values()), lr=args.lr, momentum=args.momentum, fused=True)
+    x_all, y_all = bundle.train.x.to(device), bundle.train.y.to(device)
+
+    def one_loss(p, b, x, y):
+        return F.cross_entropy(functional_call(skeleton, (p, b), (x,)), y)
+
+    batched_loss = torch.func.vmap(one_loss, in_dims=(0, 0, None, None))
+
+    def epoch() -> None:
+        order = torch.randperm(len(y_all), device=device)
+        for start in range(0, len(order), args.batch_size):
+            idx = order[start:start + args.batch_size]
+            losses = batched_loss(params, buffers, x_all[idx], y_all[idx])
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()  # each copy's gradient is that of its own loss
+            optimizer.step()
+
+    return epoch
+
+
 # ------------------------------------------------------------------------------------------------- measurement
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -299,6 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override(s) that switch entropy logging on for the entropy variant")
     p.add_argument("--override", action="append", default=[], help="any further Hydra override for regstory")
     p.add_argument("--no-baseline", action="store_true", help="time regstory only")
+    p.add_argument("--parallel-seeds", type=int, default=0,
+                   help="also time k model copies trained at once with torch.func.vmap (0: skip)")
     return p.parse_args(argv)
 
 
@@ -329,6 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             variants["floor (fwd+bwd)"] = floor_epoch(floor_model, bundle, args, device, amp_dtype)
         ctx = build_regstory_context(cfg, bundle, copy.deepcopy(init_model).to(device), tmp / "plain")
         variants["regstory"] = regstory_epoch(ctx)
+        if args.parallel_seeds:
+            variants[f"vmap x{args.parallel_seeds}"] = vmapped_seeds_epoch(init_model, bundle, args, device)
         extra, note = pruning_variants(args, bundle, init_model.to(device), tmp)
         variants.update(extra)
         medians = interleaved_medians(variants, args.repeats, args.warmup, device)
@@ -345,6 +386,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ratio = medians["baseline"] / medians["regstory"]
         result["speedup"] = ratio
         print(f"{'speedup':>18s}: {ratio:.2f}x  (regstory images/s / baseline images/s)")
+    if args.parallel_seeds:
+        k = args.parallel_seeds
+        per_model = medians[f"vmap x{k}"] / k
+        result["parallel_seeds_gain"] = medians["regstory"] / per_model
+        print(f"{'vmap seeds':>18s}: {k} models in {medians[f'vmap x{k}'] * 1e3:.1f} ms/epoch = {n / per_model:.0f} "
+              f"model-images/s, {medians['regstory'] / per_model:.2f}x one-at-a-time regstory")
     for label in ("masks", "entropy"):
         key = f"regstory+{label}"
         if key in medians:

@@ -18,9 +18,9 @@ def bench():
 
 def test_bench_times_baseline_regstory_and_floor(bench, capsys):
     result = bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--num-train", "192", "--batch-size", "64",
-                         "--repeats", "1", "--warmup", "0", "--threads", "1"])
+                         "--repeats", "1", "--warmup", "0", "--threads", "1", "--parallel-seeds", "2"])
     out = capsys.readouterr().out
-    assert {"baseline_s", "regstory_s", "floor (fwd+bwd)_s", "speedup"} <= set(result)
+    assert {"baseline_s", "regstory_s", "floor (fwd+bwd)_s", "vmap x2_s", "speedup", "parallel_seeds_gain"} <= set(result)
     assert result["speedup"] == pytest.approx(result["baseline_s"] / result["regstory_s"])
     for label in ("baseline:", "regstory:", "speedup:", "images/s", "GFLOP/s"):
         assert label in out
