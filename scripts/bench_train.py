@@ -341,6 +341,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def build_variants(args: argparse.Namespace, cfg, bundle: DataBundle, init_model: nn.Module, device: torch.device,
+                   tmp: Path) -> tuple[dict[str, Callable[[], None]], str]:
+    """The epoch functions to time, each on its own copy of the same initial weights."""
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp_dtype = amp_dtype if device.type == "cuda" else None
+    variants: dict[str, Callable[[], None]] = {}
+    if not args.no_baseline:
+        base_model = copy.deepcopy(init_model).to(device)
+        if args.baseline_channels_last:
+            base_model = base_model.to(memory_format=torch.channels_last)
+        variants["baseline"] = baseline_epoch(base_model, bundle, args, device, amp_dtype)
+    if not args.no_floor:
+        floor_model = copy.deepcopy(init_model).to(device)
+        if args.channels_last:
+            floor_model = floor_model.to(memory_format=torch.channels_last)
+        variants["floor (fwd+bwd)"] = floor_epoch(floor_model, bundle, args, device, amp_dtype)
+    ctx = build_regstory_context(cfg, bundle, copy.deepcopy(init_model).to(device), tmp / "plain")
+    variants["regstory"] = regstory_epoch(ctx)
+    if args.parallel_seeds:
+        variants[f"vmap x{args.parallel_seeds}"] = vmapped_seeds_epoch(init_model, bundle, args, device)
+    extra, note = pruning_variants(args, bundle, copy.deepcopy(init_model).to(device), tmp)
+    variants.update(extra)
+    return variants, note
+
+
+def report(args: argparse.Namespace, medians: dict[str, float], note: str, n: int, step_flops: float,
+           device: torch.device) -> dict[str, float]:
+    """Print images/s per variant, the ratios, the pruning extras and the FLOP rate; return them as a dict."""
+    print(f"# bench_train: arch={args.arch} dataset={args.dataset} n_train={n} batch={args.batch_size} "
+          f"device={device} precision={args.precision} channels_last={args.channels_last} "
+          f"baseline_channels_last={args.baseline_channels_last} compile={args.compile} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
+    for name, sec in medians.items():
+        print(f"{name:>18s}: {sec * 1e3:9.1f} ms/epoch  {n / sec:11.0f} images/s")
+    result = {f"{k}_s": v for k, v in medians.items()}
+    reg = medians["regstory"]
+    if "baseline" in medians:
+        result["speedup"] = medians["baseline"] / reg
+        print(f"{'speedup':>18s}: {result['speedup']:.2f}x  (regstory images/s / baseline images/s)")
+        if "floor (fwd+bwd)" in medians:
+            bound = medians["baseline"] / medians["floor (fwd+bwd)"]
+            print(f"{'bound':>18s}: {bound:.2f}x  (a loop with no cost besides forward+backward)")
+    if args.parallel_seeds:
+        k = args.parallel_seeds
+        per_model = medians[f"vmap x{k}"] / k
+        result["parallel_seeds_gain"] = reg / per_model
+        print(f"{'vmap seeds':>18s}: {k} models in {medians[f'vmap x{k}'] * 1e3:.1f} ms/epoch = {n / per_model:.0f} "
+              f"model-images/s, {reg / per_model:.2f}x one-at-a-time regstory")
+    for label in ("masks", "entropy"):
+        key = f"regstory+{label}"
+        if key in medians:
+            result[f"{label}_cost"] = medians[key] / reg - 1.0
+            print(f"{label + ' cost':>18s}: {result[f'{label}_cost'] * 100:+.1f}% of a regstory step")
+    if note or "regstory+masks" not in medians:
+        print(f"{'pruning extras':>18s}: {note}")
+    achieved = step_flops * (n / args.batch_size) / reg
+    line = f"{'regstory FLOP/s':>18s}: {achieved / 1e9:.1f} GFLOP/s (fwd+bwd, {step_flops / 1e9:.3f} GFLOP per step)"
+    if device.type == "cuda":
+        result["peak_fraction"] = achieved / args.peak_flops
+        line += f", {result['peak_fraction'] * 100:.2f}% of peak {args.peak_flops:.3g} FLOP/s"
+    print(line)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -350,64 +414,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     bundle = load_bundle(args, cfg)
     init_model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    amp_dtype = amp_dtype if device.type == "cuda" else None
-
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        variants: dict[str, Callable[[], None]] = {}
-        if not args.no_baseline:
-            base_model = copy.deepcopy(init_model).to(device)
-            if args.baseline_channels_last:
-                base_model = base_model.to(memory_format=torch.channels_last)
-            variants["baseline"] = baseline_epoch(base_model, bundle, args, device, amp_dtype)
-        if not args.no_floor:
-            floor_model = copy.deepcopy(init_model).to(device)
-            if args.channels_last:
-                floor_model = floor_model.to(memory_format=torch.channels_last)
-            variants["floor (fwd+bwd)"] = floor_epoch(floor_model, bundle, args, device, amp_dtype)
-        ctx = build_regstory_context(cfg, bundle, copy.deepcopy(init_model).to(device), tmp / "plain")
-        variants["regstory"] = regstory_epoch(ctx)
-        if args.parallel_seeds:
-            variants[f"vmap x{args.parallel_seeds}"] = vmapped_seeds_epoch(init_model, bundle, args, device)
-        extra, note = pruning_variants(args, bundle, init_model.to(device), tmp)
-        variants.update(extra)
+        variants, note = build_variants(args, cfg, bundle, init_model, device, Path(tmp))
         medians = interleaved_medians(variants, args.repeats, args.warmup, device)
-
-    n = len(bundle.train)
-    print(f"# bench_train: arch={args.arch} dataset={args.dataset} n_train={n} batch={args.batch_size} "
-          f"device={device} precision={args.precision} channels_last={args.channels_last} "
-          f"baseline_channels_last={args.baseline_channels_last} compile={args.compile} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
-    for name, sec in medians.items():
-        print(f"{name:>18s}: {sec * 1e3:9.1f} ms/epoch  {n / sec:11.0f} images/s")
-    result = {f"{k}_s": v for k, v in medians.items()}
-    if "baseline" in medians:
-        ratio = medians["baseline"] / medians["regstory"]
-        result["speedup"] = ratio
-        print(f"{'speedup':>18s}: {ratio:.2f}x  (regstory images/s / baseline images/s)")
-    if args.parallel_seeds:
-        k = args.parallel_seeds
-        per_model = medians[f"vmap x{k}"] / k
-        result["parallel_seeds_gain"] = medians["regstory"] / per_model
-        print(f"{'vmap seeds':>18s}: {k} models in {medians[f'vmap x{k}'] * 1e3:.1f} ms/epoch = {n / per_model:.0f} "
-              f"model-images/s, {medians['regstory'] / per_model:.2f}x one-at-a-time regstory")
-    for label in ("masks", "entropy"):
-        key = f"regstory+{label}"
-        if key in medians:
-            cost = medians[key] / medians["regstory"] - 1.0
-            result[f"{label}_cost"] = cost
-            print(f"{label + ' cost':>18s}: {cost * 100:+.1f}% of a regstory epoch")
-    if note or "regstory+masks" not in medians:
-        print(f"{'pruning extras':>18s}: {note}")
-    flops = train_step_flops(init_model, bundle, args.batch_size, device)
-    steps = n / args.batch_size
-    achieved = flops * steps / medians["regstory"]
-    line = f"{'regstory FLOP/s':>18s}: {achieved / 1e9:.1f} GFLOP/s (fwd+bwd, {flops / 1e9:.3f} GFLOP per step)"
-    if device.type == "cuda":
-        line += f", {achieved / args.peak_flops * 100:.2f}% of peak {args.peak_flops:.3g}"
-    print(line)
-    return result
+    step_flops = train_step_flops(init_model, bundle, args.batch_size, device)
+    return report(args, medians, note, len(bundle.train), step_flops, device)
 
 
 if __name__ == "__main__":
