@@ -108,8 +108,11 @@ SCHEDULES: dict[str, Callable[..., Any]] = {
 
 def build_optimizer(model: nn.Module, trainer: DictConfig, lr: float | None = None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return OPTIMIZERS[str(trainer.optimizer)](params, trainer, float(lr if lr is not None else trainer.lr),
-                                              optimizer_impl(params))
+    make, lr = OPTIMIZERS[str(trainer.optimizer)], float(lr if lr is not None else trainer.lr)
+    try:
+        return make(params, trainer, lr, optimizer_impl(params))
+    except (RuntimeError, ValueError):  # an older torch without fused kernels here; a config error raises again
+        return make(params, trainer, lr, {"foreach": True})
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer: DictConfig, schedule: str | None = None):

@@ -127,3 +127,16 @@ def test_fused_sgd_matches_for_loop_sgd_on_a_hand_checked_step():
             w.grad = torch.full((2,), 2.0)
             opt.step()
         assert torch.allclose(w.detach(), torch.full((2,), 0.42)), impl
+
+
+def test_optimizer_falls_back_to_foreach_when_fused_is_refused(monkeypatch):
+    """A torch without fused kernels for the params' device raises at construction: build the foreach variant."""
+    from omegaconf import OmegaConf
+
+    from regstory.loop import build_optimizer
+
+    monkeypatch.setattr("regstory.loop.optimizer_impl", lambda params: {"fused": True, "foreach": True})
+    trainer = OmegaConf.create({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+                                "weight_decay": 0.0})
+    opt = build_optimizer(torch.nn.Linear(2, 2), trainer)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
