@@ -1,8 +1,9 @@
 """Batches drawn from tensors that live on the training device: no DataLoader, no per-sample Python.
 
-Shuffling and augmentation draw from a generator seeded by (seed, round, epoch) and living on the data's device, so
-an epoch's batches are the same whether the run went straight through or was resumed from a checkpoint, and on a GPU
-no random number is drawn on the host (no host-device copy, hence no synchronisation, per batch).
+Shuffling and augmentation draw from generators seeded by (seed, round, epoch), so an epoch's batches are the same
+whether the run went straight through or was resumed from a checkpoint. The epoch's permutation is drawn on the host
+(the same order on every device and on every rank of a sharded run; one copy per epoch); on a GPU the per-batch crop
+offsets and flips are drawn by a generator on the device, so no step waits for a host-to-device copy.
 
 Inputs are normalised once when the loader is built (``(x - mean) / std``, the same arithmetic as per batch, so the
 values are bit-identical); random crops pad with the normalised value of a black pixel, exactly what "pad with zeros,
@@ -99,23 +100,23 @@ class TensorLoader:
         self.round, self.epoch = round_, epoch
 
     def _order(self, gen: torch.Generator) -> Tensor:
+        """The epoch's sample order (drawn with the host generator ``gen``), this rank's shard of it, on the device."""
         n = len(self.split)
-        if self.shuffle:
-            order = torch.randperm(n, generator=gen, device=gen.device)
-        else:
-            order = torch.arange(n, device=self.device)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         if self.world > 1:  # equal shards, as DistributedSampler does (pad by wrapping around)
             per_rank = -(-n // self.world)
             order = torch.cat([order, order[: per_rank * self.world - n]])[self.rank :: self.world]
-        return order.to(self.device)
+        return order.to(self.device, non_blocking=True)
 
     def __len__(self) -> int:
         n = -(-len(self.split) // self.world)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        gen = epoch_generator(self.seed, self.round, self.epoch, self.device)
-        order = self._order(gen)
+        host_gen = epoch_generator(self.seed, self.round, self.epoch)
+        order = self._order(host_gen)
+        on_host = self.device.type == "cpu"  # one stream for order and augmentation, as a CPU run always drew them
+        gen = host_gen if on_host else epoch_generator(self.seed, self.round, self.epoch, self.device)
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             if self.drop_last and len(index) < self.batch_size:
