@@ -82,13 +82,23 @@ class RunContext:
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda params, t, lr: torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.nesterov,
-                                                  weight_decay=t.weight_decay, foreach=True),
-    "adam": lambda params, t, lr: torch.optim.Adam(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                                    foreach=True),
-    "adamw": lambda params, t, lr: torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                                      foreach=True),
+    "sgd": lambda params, t, lr, impl: torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.nesterov,
+                                                        weight_decay=t.weight_decay, **impl),
+    "adam": lambda params, t, lr, impl: torch.optim.Adam(params, lr=lr, betas=tuple(t.betas),
+                                                          weight_decay=t.weight_decay, **impl),
+    "adamw": lambda params, t, lr, impl: torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas),
+                                                            weight_decay=t.weight_decay, **impl),
 }
+
+#: devices whose fused optimizer kernels update every parameter in one pass (fewer passes over memory than foreach)
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def optimizer_impl(params: list[Tensor]) -> dict[str, bool]:
+    """``fused=True`` where torch has fused kernels for all params' devices and dtypes, else ``foreach=True``."""
+    fusable = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return {"fused": True} if fusable and params else {"foreach": True}
+
 
 SCHEDULES: dict[str, Callable[..., Any]] = {
     "constant": lambda opt, t: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0),
@@ -100,7 +110,11 @@ SCHEDULES: dict[str, Callable[..., Any]] = {
 
 def build_optimizer(model: nn.Module, trainer: DictConfig, lr: float | None = None) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return OPTIMIZERS[str(trainer.optimizer)](params, trainer, float(lr if lr is not None else trainer.lr))
+    make, lr = OPTIMIZERS[str(trainer.optimizer)], float(lr if lr is not None else trainer.lr)
+    try:
+        return make(params, trainer, lr, optimizer_impl(params))
+    except (RuntimeError, ValueError):  # an older torch without fused kernels here; a config error raises again
+        return make(params, trainer, lr, {"foreach": True})
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer: DictConfig, schedule: str | None = None):
@@ -113,12 +127,19 @@ def _overrides(plugin: Plugin, hook: str) -> bool:
 
 
 class HookCaller:
-    """Calls a hook only on the plugins that override it (keeps the per-step cost of unused hooks at zero)."""
+    """Calls a hook only on the plugins that override it (keeps the per-step cost of unused hooks at zero).
+
+    ``hooks["after_step"]`` is the list of plugins overriding ``after_step``; the per-step hooks are also plain
+    attributes (``hooks.after_step``) so the loop reads them without a dict lookup.
+    """
+
+    STEP_HOOKS = ("task_loss", "extra_loss", "after_backward", "after_step")
 
     def __init__(self, plugins: list[Plugin]):
         self.plugins = plugins
-        hooks = ["task_loss", "extra_loss", "after_backward", "after_step"]
-        self.by_hook = {h: [p for p in plugins if _overrides(p, h)] for h in hooks}
+        self.by_hook = {h: [p for p in plugins if _overrides(p, h)] for h in self.STEP_HOOKS}
+        self.task_loss, self.extra_loss, self.after_backward, self.after_step = (
+            self.by_hook[h] for h in self.STEP_HOOKS)
         self.needs_features = any(p.needs_features for p in plugins)
 
     def __getitem__(self, hook: str) -> list[Plugin]:
@@ -128,14 +149,14 @@ class HookCaller:
 def compute_loss(ctx: RunContext, hooks: HookCaller, batch: dict[str, Tensor], out: StepOutput) -> tuple[Tensor, dict]:
     """Task loss (mean CE unless a plugin replaces it) plus every plugin's named extra terms."""
     loss = None
-    for p in hooks["task_loss"]:
+    for p in hooks.task_loss:
         loss = p.task_loss(ctx, batch, out)
         if loss is not None:
             break
     if loss is None:
         loss = out.per_sample_loss.mean()
     terms: dict[str, Tensor] = {}
-    for p in hooks["extra_loss"]:
+    for p in hooks.extra_loss:
         for name, value in p.extra_loss(ctx, batch, out).items():
             terms[name] = value
             loss = loss + value
@@ -143,6 +164,7 @@ def compute_loss(ctx: RunContext, hooks: HookCaller, batch: dict[str, Tensor], o
 
 
 def forward(net: nn.Module, batch: dict[str, Tensor], with_features: bool) -> StepOutput:
+    """Logits (and bottleneck features when asked) plus the per-sample cross-entropy, computed in fp32."""
     if with_features:
         logits, feats = net(batch["x"], return_features=True)
     else:
@@ -151,46 +173,66 @@ def forward(net: nn.Module, batch: dict[str, Tensor], with_features: bool) -> St
     return StepOutput(logits=logits, per_sample_loss=per_sample, features=feats)
 
 
+_NO_AUTOCAST = contextlib.nullcontext()
+
+
 def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
-    """One pass over the training batches. Metrics stay on the device and are read once at the end."""
-    ctx.net.train()
+    """One pass over the training batches.
+
+    Hooks run in the order of :mod:`regstory.plugins`. Nothing in a step reads a value back to the host: loss,
+    accuracy and loss terms are summed in device tensors and read once at the end of the epoch, so on a GPU the
+    host queues steps ahead of the device. Config values are read once per epoch, not per step.
+    """
+    net, scaler = ctx.net, ctx.scaler
+    net.train()
+    use_amp = not isinstance(ctx.autocast(), contextlib.nullcontext)
     grad_clip = ctx.cfg.trainer.grad_clip
+    clip_params = [p for p in ctx.model.parameters() if p.requires_grad] if grad_clip else []
+    after_backward, after_step, needs_features = hooks.after_backward, hooks.after_step, hooks.needs_features
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     term_sums: dict[str, Tensor] = {}
     seen = 0
     for batch in batches:
-        with ctx.autocast():
-            out = forward(ctx.net, batch, hooks.needs_features)
+        with ctx.autocast() if use_amp else _NO_AUTOCAST:
+            out = forward(net, batch, needs_features)
             loss, terms = compute_loss(ctx, hooks, batch, out)
-        ctx.optimizer.zero_grad(set_to_none=True)
-        if ctx.scaler is not None:
-            ctx.scaler.scale(loss).backward()
-            ctx.scaler.unscale_(ctx.optimizer)
+        optimizer = ctx.optimizer  # read per step: a hook may rebuild it
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
         else:
             loss.backward()
-        for p in hooks["after_backward"]:
+        for p in after_backward:
             p.after_backward(ctx)
         if grad_clip:
-            nn.utils.clip_grad_norm_(ctx.model.parameters(), grad_clip)
-        if ctx.scaler is not None:
-            ctx.scaler.step(ctx.optimizer)
-            ctx.scaler.update()
+            nn.utils.clip_grad_norm_(clip_params, grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            ctx.optimizer.step()
-        for p in hooks["after_step"]:
+            optimizer.step()
+        for p in after_step:
             p.after_step(ctx)
-        n = len(batch["y"])
+        n = batch["y"].shape[0]
         seen += n
         ctx.global_step += 1
-        with torch.no_grad():
-            loss_sum += loss.detach().float() * n
-            correct += (out.logits.argmax(1) == batch["y"]).sum()
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.detach().float() * n
-    metrics = {"train_loss": (loss_sum / max(seen, 1)).item(), "train_acc": (correct.float() / max(seen, 1)).item()}
-    metrics.update({f"loss/{k}": (v / max(seen, 1)).item() for k, v in term_sums.items()})
+        loss_sum.add_(loss.detach().float(), alpha=n)  # no autograd graph: detach, argmax and eq record none
+        correct.add_((out.logits.detach().argmax(1) == batch["y"]).sum())
+        for name, value in terms.items():
+            term = value.detach().float() * n
+            term_sums[name] = term_sums[name] + term if name in term_sums else term
+    names = list(term_sums)
+    values = read_once([loss_sum, correct.float(), *(term_sums[k] for k in names)], max(seen, 1))
+    metrics = {"train_loss": values[0], "train_acc": values[1]}
+    metrics.update({f"loss/{k}": v for k, v in zip(names, values[2:])})
     return metrics
+
+
+def read_once(sums: list[Tensor], count: int) -> list[float]:
+    """``sums / count`` as floats, with a single device-to-host copy (one synchronisation on a GPU)."""
+    return (torch.stack([s.float() for s in sums]) / count).tolist()
 
 
 @torch.no_grad()
@@ -206,11 +248,12 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], autocast=con
         hits = (logits.argmax(1) == batch["y"]).sum()
         loss_sum = loss if loss_sum is None else loss_sum + loss
         correct = hits if correct is None else correct + hits
-        seen += len(batch["y"])
+        seen += batch["y"].shape[0]
     model.train(was_training)
     if seen == 0:
         return {"loss": float("nan"), "acc": float("nan")}
-    return {"loss": (loss_sum / seen).item(), "acc": (correct.float() / seen).item()}
+    mean_loss, acc = read_once([loss_sum, correct], seen)
+    return {"loss": mean_loss, "acc": acc}
 
 
 def checkpoint_state(ctx: RunContext, next_round: int, next_epoch: int, round_started: bool, finished: bool) -> dict:

@@ -78,7 +78,8 @@ def make_loaders(bundle: DataBundle, cfg: DictConfig, device: torch.device, shar
             return DatasetLoader(split, batch_size, device, shuffle=train, num_workers=int(t.num_workers),
                                  seed=int(cfg.seed), shard=shard if train else (0, 1))
         return TensorLoader(split.to(device), batch_size, shuffle=train, augment=bundle.augment if train else None,
-                            mean=bundle.mean, std=bundle.std, seed=int(cfg.seed), shard=shard if train else (0, 1))
+                            mean=bundle.mean, std=bundle.std, seed=int(cfg.seed), shard=shard if train else (0, 1),
+                            channels_last=bool(t.channels_last))
 
     loaders = {"train": loader(bundle.train, int(t.batch_size), True),
                "test": loader(bundle.test, int(t.eval_batch_size), False)}

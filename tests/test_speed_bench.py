@@ -1,0 +1,79 @@
+"""scripts/bench_train.py runs both loops in one process and reports what it measured (no timing is asserted)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from regstory.plugins import Plugin
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_times_baseline_regstory_and_floor(bench, capsys):
+    result = bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--num-train", "192", "--batch-size", "64",
+                         "--repeats", "1", "--warmup", "0", "--threads", "1", "--parallel-seeds", "2"])
+    out = capsys.readouterr().out
+    assert {"baseline_s", "regstory_s", "floor (fwd+bwd)_s", "vmap x2_s", "speedup", "parallel_seeds_gain"} <= set(result)
+    assert result["speedup"] == pytest.approx(result["baseline_s"] / result["regstory_s"])
+    for label in ("baseline:", "regstory:", "speedup:", "images/s", "GFLOP/s"):
+        assert label in out
+    assert "masks cost" in out or "n/a (regstory.pruning not present)" in out
+
+
+def test_baseline_dataset_is_per_sample_and_uses_torchvision_transforms(bench):
+    bundle = bench.synthetic_bundle("synthetic32", 8)
+    transform = bench.baseline_transform(bundle)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "Normalize"]
+    x, y = bench.SampleDataset(bundle.train.x, bundle.train.y, transform)[3]
+    assert x.shape == (3, 32, 32) and isinstance(y, int)
+
+
+class FakePruner(Plugin):
+    """Stands in for a regstory.pruning method: masks the head's first row after each step, measures 'entropy'."""
+
+    def __init__(self):
+        self.rounds_ended = 0
+        self.entropy_calls = 0
+
+    def end_round(self, ctx):
+        self.rounds_ended += 1
+        return {}
+
+    def after_step(self, ctx):
+        with torch.no_grad():
+            ctx.model.head.weight[0].zero_()
+
+    def measure_entropy(self, ctx):
+        self.entropy_calls += 1
+        return {"entropy_mean": 0.0}
+
+
+def test_mask_and_entropy_costs_are_timed_through_the_plugin_hooks(bench, capsys, monkeypatch):
+    """With a pruning package present, the bench trains one epoch, prunes once through ``end_round``, then times the
+    masked loop and one ``measure_entropy`` call; a fake method stands in for regstory.pruning here."""
+    monkeypatch.setattr(bench, "pruning_available", lambda: True)
+    result = bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--num-train", "128", "--batch-size", "64",
+                         "--repeats", "1", "--warmup", "0", "--no-baseline", "--no-floor", "--mask-method", "none",
+                         "--mask-override", "method._target_=tests.test_speed_bench.FakePruner"])
+    out = capsys.readouterr().out
+    assert {"regstory+masks_s", "entropy (1 call)_s", "masks_cost", "entropy_steps"} <= set(result)
+    assert "masks cost" in out and "entropy cost" in out
+
+
+def test_a_method_without_entropy_is_reported_as_such(bench, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "pruning_available", lambda: True)
+    result = bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--num-train", "128", "--batch-size", "64",
+                         "--repeats", "1", "--warmup", "0", "--no-baseline", "--no-floor", "--mask-method", "none"])
+    assert "masks_cost" in result and "entropy_steps" not in result
+    assert "entropy: n/a (method=none has no measure_entropy)" in capsys.readouterr().out
