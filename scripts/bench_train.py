@@ -323,9 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (CUDA)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="trainer.channels_last=true for regstory (and the floor); the baseline stays NCHW as usually "
-                        "written unless --baseline-channels-last")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="trainer.channels_last for regstory (and the floor); on by default, as in regstory's trainer "
+                        "config; the baseline stays NCHW as usually written unless --baseline-channels-last")
     p.add_argument("--baseline-channels-last", action="store_true", help="the baseline in channels-last too")
     p.add_argument("--no-floor", action="store_true", help="skip the fwd+bwd-only lower bound")
     p.add_argument("--compile", action="store_true", help="trainer.compile=true for regstory (no gain on CPU)")
