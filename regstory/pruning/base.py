@@ -145,7 +145,7 @@ class PruningSweep(Plugin):
             record["stopped"] = True
         if self.stop.onset is not None and self.stop.onset == len(self.stop.accs) - 1:
             record["entropy_onset"] = True
-        if self.target_sparsity is not None and record["sparsity"] >= self.target_sparsity - 1e-9:
+        if self.target_sparsity is not None and record["sparsity"] >= self.target_sparsity - 1.0 / total:
             ctx.stop_rounds = True
         if not ctx.stop_rounds and ctx.round + 1 < self.num_rounds():
             self.prune(ctx)

@@ -173,3 +173,21 @@ def test_entropy_stop_needs_validation_and_keeps_best_model(tmp_path):
     assert best["round"] == summary["best_val_model"]["round"]
     rounds = read_jsonl(tmp_path / "rounds.jsonl")
     assert best["val_acc"] == max(r["val_acc"] for r in rounds)
+
+
+@pytest.mark.parametrize("method,extra", [("random", []), ("snip", ["method.batches=2"]),
+                                          ("imp", ["method.scope=layerwise", "method.retrain=finetune"])])
+def test_other_methods_run_a_two_round_sweep(tmp_path, method, extra):
+    run(make_cfg("dataset=digits", f"method={method}", "method.rounds=1", "method.rate=0.5", "trainer.epochs=1",
+                 *extra), run_dir=tmp_path)
+    rounds = read_jsonl(tmp_path / "rounds.jsonl")
+    assert rounds[1]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    if "method.retrain=finetune" in extra:
+        assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["lr"] == pytest.approx(0.001)
+
+
+def test_target_sparsity_caps_and_ends_the_sweep(tmp_path):
+    summary = run(make_cfg("dataset=digits", "method=imp", "method.rounds=10", "method.rate=0.5",
+                           "method.target_sparsity=0.6", "trainer.epochs=1"), run_dir=tmp_path)
+    assert [r["sparsity"] for r in read_jsonl(tmp_path / "rounds.jsonl")] == pytest.approx([0, 0.5, 0.6], abs=1e-3)
+    assert summary["num_rounds"] == 3

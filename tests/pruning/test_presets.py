@@ -35,3 +35,10 @@ def test_mnist1d_preset_runs_two_tiny_rounds(tmp_path):
     from regstory.train import run
     summary = run(make_cfg("experiment=sdd_mnist1d", "method.rounds=1", "trainer.epochs=1"), run_dir=tmp_path)
     assert summary["num_rounds"] == 2 and summary["final_sparsity"] == pytest.approx(0.2, abs=1e-4)
+
+
+def test_unknown_method_option_fails_fast_naming_the_allowed_ones():
+    from regstory.config import ConfigError
+    cfg = make_cfg("method=imp", "+method.rat=0.2")
+    with pytest.raises(ConfigError, match="rat.*allowed: .*rate"):
+        check_targets(cfg)
