@@ -52,7 +52,7 @@ class PruningSweep(Plugin):
                  entropy_zero_is_on: bool = False, measure_memorization: bool = True, stop: str = "none",
                  stop_average: str = "nonconstant", stop_patience: int = 2, stop_tolerance: float = 0.0,
                  stop_acc_drop: float = 0.01, stop_reference: str = "onset", phase_metric: str = "test_acc",
-                 phase_tol: float = 0.01):
+                 phase_tol: float = 0.01, remask_after_step: bool = True):
         if retrain not in RETRAIN_MODES:
             raise ConfigError(f"method.retrain='{retrain}' is unknown: use one of {', '.join(RETRAIN_MODES)}")
         if stop_average not in ("all", "nonconstant"):
@@ -71,6 +71,7 @@ class PruningSweep(Plugin):
         self.entropy_samples, self.entropy_zero_is_on = entropy_samples, entropy_zero_is_on
         self.measure_memorization = measure_memorization
         self.stop_average, self.phase_metric, self.phase_tol = stop_average, phase_metric, phase_tol
+        self.remask_after_step = remask_after_step
         self.masks: MaskSet | None = None
         self.rewind_state: dict[str, Tensor] | None = None
         self.best: dict[str, Any] = {}
@@ -107,7 +108,10 @@ class PruningSweep(Plugin):
         self.masks.zero_grads()
 
     def after_step(self, ctx: "RunContext") -> None:
-        self.masks.apply_to_weights()
+        """Re-mask the weights. With zeroed gradients and optimizer state SGD, Adam and AdamW leave pruned weights at
+        exactly 0 anyway; this is the safety net for optimizers that do not (``remask_after_step=false`` skips it)."""
+        if self.remask_after_step:
+            self.masks.apply_to_weights()
 
     # -- rounds ---------------------------------------------------------------------------------------------------
     def start_round(self, ctx: "RunContext") -> None:
@@ -125,6 +129,12 @@ class PruningSweep(Plugin):
         elif self.retrain == "scratch":
             reinitialise(ctx.model, seed=int(ctx.cfg.seed) * 1009 + ctx.round)
         # lr_rewind: keep the weights; fit() has already rebuilt the optimizer with the full schedule
+
+    def start_epoch(self, ctx: "RunContext") -> None:
+        """Fine-tuning rounds keep a constant lr, also after a resume (which rebuilds the trainer's scheduler)."""
+        if self.retrain == "finetune" and ctx.round > 0:
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = self.finetune_lr
 
     def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
         if ctx.round == 0 and self.retrain == "rewind" and self.rewind_epoch > 0 and ctx.epoch + 1 == self.rewind_epoch:

@@ -3,8 +3,8 @@
 One float mask (0/1, the weight's dtype and device) per prunable tensor. Pinning is done in place and without
 re-multiplying in the forward pass: gradients of pruned entries are zeroed after backward (so momentum, weight decay
 and Adam moments of a pruned entry never become non-zero) and the weights are re-masked after the optimizer step
-(a safety net, e.g. against decoupled weight decay). Both use ``torch._foreach_mul_`` over all masked tensors, which
-keeps the per-step cost to two fused element-wise kernels (measured by ``scripts/bench_masks.py``).
+(a safety net, e.g. against decoupled weight decay). Both use ``torch._foreach_mul_`` over the tensors that have pruned entries
+(none while the model is dense), which keeps the per-step cost to two element-wise passes (measured by ``scripts/bench_masks.py``).
 """
 from __future__ import annotations
 
@@ -55,17 +55,22 @@ class MaskSet:
         self.names = list(params)
         self.params = [params[n] for n in self.names]
         self.masks = [torch.ones_like(p, memory_format=torch.contiguous_format).detach() for p in self.params]
+        self._sparse: list[int] = []  # indices of tensors with at least one pruned entry (the only ones pinned)
+
+    def _refresh(self) -> None:
+        self._sparse = [i for i, m in enumerate(self.masks) if not bool(m.all())]
 
     # -- pinning -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def apply_to_weights(self) -> None:
         """Zero the pruned weights in place."""
-        torch._foreach_mul_(self.params, self.masks)
+        if self._sparse:
+            torch._foreach_mul_([self.params[i] for i in self._sparse], [self.masks[i] for i in self._sparse])
 
     @torch.no_grad()
     def zero_grads(self) -> None:
         """Zero the gradients of pruned weights in place (call after backward, before the optimizer step)."""
-        pairs = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
+        pairs = [(self.params[i].grad, self.masks[i]) for i in self._sparse if self.params[i].grad is not None]
         if pairs:
             grads, masks = zip(*pairs)
             torch._foreach_mul_(list(grads), list(masks))
@@ -86,6 +91,7 @@ class MaskSet:
         """Replace the masks (in place) by ``new_masks`` (bool or 0/1 tensors, same order and shapes)."""
         for m, new in zip(self.masks, new_masks):
             m.copy_(new.to(m.dtype))
+        self._refresh()
 
     def state_dict(self) -> dict[str, Tensor]:
         return {n: m.detach().to("cpu", torch.bool) for n, m in zip(self.names, self.masks)}

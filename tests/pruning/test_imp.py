@@ -191,3 +191,10 @@ def test_target_sparsity_caps_and_ends_the_sweep(tmp_path):
                            "method.target_sparsity=0.6", "trainer.epochs=1"), run_dir=tmp_path)
     assert [r["sparsity"] for r in read_jsonl(tmp_path / "rounds.jsonl")] == pytest.approx([0, 0.5, 0.6], abs=1e-3)
     assert summary["num_rounds"] == 3
+
+
+def test_finetune_rounds_keep_a_constant_small_lr_whatever_the_trainer_schedule(tmp_path):
+    run(make_cfg("dataset=digits", "method=imp", "method.rounds=1", "method.retrain=finetune", "trainer.epochs=3",
+                 "trainer.schedule=step", "trainer.step_size=1", "trainer.gamma=0.5"), run_dir=tmp_path)
+    lrs = [(r["round"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert lrs == [(0, 0.05), (0, 0.025), (0, 0.0125), (1, 0.001), (1, 0.001), (1, 0.001)]
