@@ -1,0 +1,200 @@
+"""IMP sweep: retraining modes (rewinding restores exactly), one-shot baselines, resume, and the CLI end to end."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from regstory.checkpoint import load_checkpoint
+from regstory.config import ConfigError
+from regstory.pruning.magnitude import IMP
+from regstory.pruning.random import RandomPruning
+from regstory.pruning.snip import SNIP, connection_sensitivity
+from regstory.train import run
+from tests.conftest import make_cfg, read_jsonl, run_cli
+
+
+def fake_ctx(epochs=3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    ctx = SimpleNamespace(model=model, loaders={}, epochs=epochs, round=0, epoch=0, cfg=SimpleNamespace(seed=0),
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rebuilt=[])
+    ctx.rebuild_optimizer = lambda lr=None, schedule=None: ctx.rebuilt.append((lr, schedule))
+    return ctx
+
+
+def train_a_bit(ctx):
+    with torch.no_grad():
+        for p in ctx.model.parameters():
+            p.add_(torch.randn_like(p))
+
+
+def test_rewind_to_init_restores_exactly_in_place():
+    ctx = fake_ctx()
+    imp = IMP(rate=0.5, rounds=2)
+    imp.setup(ctx)
+    init = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    params = list(ctx.model.parameters())
+    train_a_bit(ctx)
+    imp.prune(ctx)
+    ctx.round = 1
+    imp.start_round(ctx)
+    assert list(ctx.model.parameters()) == params  # same Parameter objects: the optimizer stays valid
+    for name, m in zip(imp.masks.names, imp.masks.masks):
+        assert torch.equal(ctx.model.state_dict()[name], init[name] * m)
+    assert torch.equal(ctx.model.state_dict()["0.bias"], init["0.bias"])
+
+
+def test_rewind_to_epoch_k_uses_the_weights_after_that_epoch():
+    ctx = fake_ctx()
+    imp = IMP(rate=0.5, rounds=2, rewind_epoch=2)
+    imp.setup(ctx)
+    train_a_bit(ctx)
+    ctx.epoch = 1  # end of epoch 2 (1-based) of round 0
+    imp.end_epoch(ctx)
+    at_k = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    train_a_bit(ctx)
+    imp.prune(ctx)
+    ctx.round = 1
+    imp.start_round(ctx)
+    assert torch.equal(ctx.model.state_dict()["0.bias"], at_k["0.bias"])
+    assert torch.equal(ctx.model[0].weight, at_k["0.weight"] * imp.masks.masks[0])
+
+
+def test_lr_rewind_keeps_weights_and_finetune_rebuilds_with_small_constant_lr():
+    for retrain, rebuilt in (("lr_rewind", []), ("finetune", [(0.001, "constant")])):
+        ctx = fake_ctx()
+        imp = IMP(rate=0.5, rounds=2, retrain=retrain)
+        imp.setup(ctx)
+        train_a_bit(ctx)
+        imp.prune(ctx)
+        trained = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+        ctx.round = 1
+        imp.start_round(ctx)
+        assert all(torch.equal(v, trained[k]) for k, v in ctx.model.state_dict().items())
+        assert ctx.rebuilt == rebuilt
+
+
+def test_scratch_reinitialises_with_masks_applied():
+    ctx = fake_ctx()
+    imp = IMP(rate=0.5, rounds=2, retrain="scratch")
+    imp.setup(ctx)
+    before = ctx.model[0].weight.detach().clone()
+    imp.prune(ctx)
+    ctx.round = 1
+    imp.start_round(ctx)
+    w = ctx.model[0].weight.detach()
+    assert not torch.equal(w, before * imp.masks.masks[0])
+    assert torch.all(w[imp.masks.masks[0] == 0] == 0)
+
+
+def test_bad_options_fail_fast():
+    with pytest.raises(ConfigError, match="retrain"):
+        IMP(retrain="sometimes")
+    with pytest.raises(ConfigError, match="rate"):
+        IMP(rate=1.5)
+    with pytest.raises(ConfigError, match="scope"):
+        IMP(scope="neuronwise")
+
+
+def test_random_pruning_masks_are_nested_and_follow_the_schedule():
+    ctx = fake_ctx()
+    rp = RandomPruning(rate=0.5, rounds=3)
+    rp.setup(ctx)
+    previous = None
+    for r in (1, 2, 3):
+        ctx.round = r
+        rp.start_round(ctx)
+        assert rp.masks.sparsity() == pytest.approx(1 - 0.5 ** r, abs=0.02)
+        keep = torch.cat([m.flatten() for m in rp.masks.masks])
+        if previous is not None:
+            assert torch.all(keep <= previous)
+        previous = keep
+
+
+def test_snip_scores_are_abs_gradient_times_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 2, bias=False)
+    x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([0])
+    scores = connection_sensitivity(lin, [lin.weight], [{"x": x, "y": y}])[0]
+    p = torch.softmax(lin(x), 1)[0].detach()
+    grad = (p - torch.tensor([1.0, 0.0]))[:, None] * x  # dCE/dW = (softmax - onehot) x^T
+    assert torch.allclose(scores, (grad * lin.weight.detach()).abs(), atol=1e-6)
+
+
+def test_imp_cli_two_rounds_end_to_end(tmp_path):
+    run_cli("method=imp", "dataset=mnist1d", "arch=mlp", "noise.rate=0.5", "method.rounds=2", "method.rate=0.2",
+            "trainer.epochs=1", "logger.wandb.mode=disabled", "logger.progress=none", "trainer.num_threads=1",
+            "hydra.run.dir=run", cwd=tmp_path)
+    run_dir = tmp_path / "run"
+    rounds = read_jsonl(run_dir / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["sparsity"] for r in rounds] == pytest.approx([0.0, 0.2, 0.36], abs=1e-4)
+    for key in ("train_acc", "test_acc", "train_loss", "test_loss", "entropy_mean", "entropy_mean_nonconstant",
+                "noisy_memorized"):
+        assert all(key in r for r in rounds)
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    masks = ckpt["plugins"][0]["masks"]
+    for name, mask in masks.items():
+        assert torch.all(ckpt["model"][name][~mask] == 0)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sdd"]["phase_per_round"][0] == "light" and summary["final_sparsity"] == pytest.approx(0.36, 1e-3)
+
+
+def test_resume_mid_sweep_gives_the_same_rounds(tmp_path, monkeypatch):
+    args = ("dataset=digits", "method=imp", "method.rounds=2", "method.rate=0.5", "trainer.epochs=2")
+    straight = run(make_cfg(*args), run_dir=tmp_path / "a")
+
+    real_end_epoch = IMP.end_epoch
+
+    def crash_in_round_1(self, ctx):
+        if ctx.round == 1 and ctx.epoch == 0:
+            raise KeyboardInterrupt
+        return real_end_epoch(self, ctx)
+
+    monkeypatch.setattr(IMP, "end_epoch", crash_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*args), run_dir=tmp_path / "b")
+    monkeypatch.setattr(IMP, "end_epoch", real_end_epoch)
+    resumed = run(make_cfg(*args, "resume=true"), run_dir=tmp_path / "b")
+    a, b = read_jsonl(tmp_path / "a" / "rounds.jsonl"), read_jsonl(tmp_path / "b" / "rounds.jsonl")
+    assert [r["sparsity"] for r in a] == [r["sparsity"] for r in b]
+    assert [r["test_acc"] for r in a] == pytest.approx([r["test_acc"] for r in b], abs=1e-6)
+    assert resumed["final_sparsity"] == straight["final_sparsity"]
+
+
+def test_entropy_stop_needs_validation_and_keeps_best_model(tmp_path):
+    with pytest.raises(ConfigError, match="val_fraction"):
+        run(make_cfg("dataset=digits", "method=imp", "method.stop=entropy", "trainer.epochs=1"), run_dir=tmp_path / "x")
+    summary = run(make_cfg("dataset=digits", "method=imp", "method.stop=accuracy", "method.rounds=3",
+                           "method.rate=0.5", "dataset.val_fraction=0.2", "trainer.epochs=1"), run_dir=tmp_path)
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["round"] == summary["best_val_model"]["round"]
+    rounds = read_jsonl(tmp_path / "rounds.jsonl")
+    assert best["val_acc"] == max(r["val_acc"] for r in rounds)
+
+
+@pytest.mark.parametrize("method,extra", [("random", []), ("snip", ["method.batches=2"]),
+                                          ("imp", ["method.scope=layerwise", "method.retrain=finetune"])])
+def test_other_methods_run_a_two_round_sweep(tmp_path, method, extra):
+    run(make_cfg("dataset=digits", f"method={method}", "method.rounds=1", "method.rate=0.5", "trainer.epochs=1",
+                 *extra), run_dir=tmp_path)
+    rounds = read_jsonl(tmp_path / "rounds.jsonl")
+    assert rounds[1]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    if "method.retrain=finetune" in extra:
+        assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["lr"] == pytest.approx(0.001)
+
+
+def test_target_sparsity_caps_and_ends_the_sweep(tmp_path):
+    summary = run(make_cfg("dataset=digits", "method=imp", "method.rounds=10", "method.rate=0.5",
+                           "method.target_sparsity=0.6", "trainer.epochs=1"), run_dir=tmp_path)
+    assert [r["sparsity"] for r in read_jsonl(tmp_path / "rounds.jsonl")] == pytest.approx([0, 0.5, 0.6], abs=1e-3)
+    assert summary["num_rounds"] == 3
+
+
+def test_finetune_rounds_keep_a_constant_small_lr_whatever_the_trainer_schedule(tmp_path):
+    run(make_cfg("dataset=digits", "method=imp", "method.rounds=1", "method.retrain=finetune", "trainer.epochs=3",
+                 "trainer.schedule=step", "trainer.step_size=1", "trainer.gamma=0.5"), run_dir=tmp_path)
+    lrs = [(r["round"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert lrs == [(0, 0.05), (0, 0.025), (0, 0.0125), (1, 0.001), (1, 0.001), (1, 0.001)]
