@@ -52,7 +52,7 @@ class PruningSweep(Plugin):
                  entropy_zero_is_on: bool = False, measure_memorization: bool = True, stop: str = "none",
                  stop_average: str = "nonconstant", stop_patience: int = 2, stop_tolerance: float = 0.0,
                  stop_acc_drop: float = 0.01, stop_reference: str = "onset", phase_metric: str = "test_acc",
-                 phase_tol: float = 0.01, remask_after_step: bool = True):
+                 phase_tol: float = 0.01, remask_after_step: bool = False):
         if retrain not in RETRAIN_MODES:
             raise ConfigError(f"method.retrain='{retrain}' is unknown: use one of {', '.join(RETRAIN_MODES)}")
         if stop_average not in ("all", "nonconstant"):
