@@ -51,3 +51,32 @@ def simple_convnet(input_shape, num_classes: int, channels=(16, 32, 64, 128), ke
                    pool_after=(), last_activation: str = "tanh") -> SimpleConvNet:
     """ReBias's SimpleConvNet (4 x Conv7 + BN, 3-16-32-64-128, GAP, 128-d bottleneck), last activation Tanh."""
     return SimpleConvNet(input_shape, num_classes, tuple(channels), kernel_size, tuple(pool_after), last_activation)
+
+
+class DebiasResNet18(Classifier):
+    """torchvision's ImageNet ResNet-18 as used on CelebA by the debiasing papers: bottleneck = the 512-d global
+    average pool. ``last_activation="tanh"`` replaces ``layer4[1].relu`` by Tanh as in EIDOSLAB's EnD replication
+    (in torchvision's BasicBlock that module serves both activations of the block). ``pretrained`` loads
+    torchvision's ImageNet weights (EnD, LfF, GroupDRO); IRENE trains from scratch."""
+
+    def __init__(self, num_classes: int, last_activation: str = "relu", pretrained: bool = False):
+        super().__init__()
+        import torchvision
+
+        if last_activation not in ACTIVATIONS:
+            raise ValueError(f"arch.last_activation={last_activation} is invalid: must be one of {sorted(ACTIVATIONS)}")
+        net = torchvision.models.resnet18(weights="IMAGENET1K_V1" if pretrained else None)
+        net.layer4[1].relu = ACTIVATIONS[last_activation]()
+        self.head = nn.Linear(net.fc.in_features, num_classes)
+        net.fc = nn.Identity()
+        self.body = net
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+@register_model("resnet18_debias")
+def resnet18_debias(input_shape, num_classes: int, last_activation: str = "relu",
+                    pretrained: bool = False) -> DebiasResNet18:
+    """ImageNet ResNet-18 (224x224 inputs) with a 512-d bottleneck for the CelebA debiasing protocols."""
+    return DebiasResNet18(num_classes, last_activation, pretrained)
