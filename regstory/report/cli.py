@@ -30,6 +30,17 @@ def summarize(df: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFra
     return table.reset_index(drop=not by)
 
 
+def display_table(table: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
+    """The summary as text cells: one "mean ± std" column per metric and one ``n`` column (repeats per group)."""
+    shown = table[by].copy() if by else pd.DataFrame(index=table.index)
+    for m in metrics:
+        mean, std = table[f"{m}_mean"], table[f"{m}_std"]
+        shown[m] = [f"{a:.4f}" if pd.isna(b) else f"{a:.4f} ± {b:.4f}" for a, b in zip(mean, std)]
+    counts = table[[f"{m}_count" for m in metrics]].max(axis=1)
+    shown["n"] = counts.astype(int).tolist()
+    return shown
+
+
 def plot(df: pd.DataFrame, x: str, y: str, hue: str | None, out: Path, logit_x: bool = False) -> Path:
     """Mean of ``y`` against ``x`` (one line per ``hue`` value), with a band of ±1 std over repeats."""
     import matplotlib
@@ -83,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError) as err:
         print(f"regstory-report: error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
-    text = table.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else table.to_string(index=False)
+    shown = display_table(table, args.by, metrics)
+    text = shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False)
     print(text)
     if args.out:
         if args.out.suffix == ".csv":

@@ -48,3 +48,11 @@ def test_cli_table_and_figure(sweep, tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_display_table_shows_mean_plus_minus_std_and_n():
+    from regstory.report.cli import display_table
+
+    df = pd.DataFrame({"g": [1, 1, 2], "m": [0.25, 0.75, 0.5]})
+    shown = display_table(summarize(df, ["g"], ["m"]), ["g"], ["m"])
+    assert shown.to_dict("list") == {"g": [1, 2], "m": ["0.5000 ± 0.3536", "0.5000"], "n": [2, 1]}
