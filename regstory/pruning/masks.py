@@ -54,7 +54,8 @@ class MaskSet:
     def __init__(self, params: dict[str, nn.Parameter]):
         self.names = list(params)
         self.params = [params[n] for n in self.names]
-        self.masks = [torch.ones_like(p, memory_format=torch.contiguous_format).detach() for p in self.params]
+        # same memory layout as each parameter (channels_last conv weights too), so in-place products stay vectorised
+        self.masks = [torch.ones_like(p).detach() for p in self.params]
         self._sparse: list[int] = []  # indices of tensors with at least one pruned entry (the only ones pinned)
 
     def _refresh(self) -> None:

@@ -112,3 +112,19 @@ def test_prune_to_sparsity_and_state_round_trip():
     other = MaskSet({"w": nn.Parameter(torch.ones(10))})
     other.load_state_dict(masks.state_dict())
     assert torch.equal(other.masks[0], masks.masks[0])
+
+
+def test_channels_last_conv_weights_are_pruned_at_the_right_entries():
+    """Masks follow the parameter's memory layout (channels_last by default) without scrambling the ranking."""
+    import torch
+
+    from regstory.pruning.masks import MaskSet, prune_fraction
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last))
+    ref = w.detach().clone().contiguous()
+    masks = MaskSet({"w": w})
+    prune_fraction(masks, [w.detach().abs()], 0.5)
+    threshold = ref.abs().flatten().kthvalue(ref.numel() // 2).values
+    assert torch.equal(w.detach() == 0, ref.abs() <= threshold)
+    assert masks.masks[0].is_contiguous(memory_format=torch.channels_last)
