@@ -48,7 +48,6 @@ class RunContext:
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch records of the current round
     forward_model: nn.Module | None = None  # the model called in training (compiled / DDP-wrapped); defaults to model
     is_main_process: bool = True
-    on_checkpoint: list[Callable[["RunContext"], None]] = field(default_factory=list)
     preemption: Any = None  # regstory.preemption.PreemptionGuard (or its DDP-collective wrapper); None: never stop
     reduce_metrics: Callable[[dict], dict] | None = None  # DDP: average the per-rank train metrics over ranks
     started_at: float = field(default_factory=time.perf_counter)
@@ -277,8 +276,6 @@ def save(ctx: RunContext, next_round: int, next_epoch: int, round_started: bool,
     if ctx.is_main_process:
         save_checkpoint(ctx.run_dir / "checkpoints" / LAST,
                         checkpoint_state(ctx, next_round, next_epoch, round_started, finished))
-    for callback in ctx.on_checkpoint:
-        callback(ctx)
 
 
 def num_rounds(plugins: list[Plugin]) -> int:
