@@ -149,8 +149,9 @@ class RunLogger:
         if self.enabled:
             self.rounds.write(record)
             self.wandb.log({f"round/{k}": v for k, v in record.items()})
+            # per-layer entries (``entropy/<layer>``...) stay in the files: the console line keeps network-level ones
             log.info("end of round %s: %s", record.get("round"),
-                     " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+                     " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and "/" not in k))
 
     @property
     def wandb_id(self) -> str | None:
