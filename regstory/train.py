@@ -34,8 +34,11 @@ USER_ERRORS = (ConfigError, DatasetNotFoundError, CheckpointError, NonFiniteLoss
 
 
 def conf_dir() -> str:
-    """The config root: ``conf/`` beside the package (source checkout / editable install)."""
-    return str(Path(__file__).resolve().parent.parent / "conf")
+    """The config root: ``conf/`` beside the package in a source checkout (editable install), else the copy
+    shipped inside the installed package (``regstory/conf``)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "conf"
+    return str(checkout if (checkout / "config.yaml").exists() else package / "conf")
 
 
 def resolve_device(name: str) -> torch.device:

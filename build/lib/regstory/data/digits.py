@@ -1,0 +1,24 @@
+"""scikit-learn's bundled 8x8 digits: real, offline, tiny (1797 images)."""
+from __future__ import annotations
+
+import torch
+
+from regstory.data.base import DataBundle, TensorSplit, stratified_split
+from regstory.data.registry import register_dataset
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as (N, 1, 8, 8) floats in [0, 1] and (N,) labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, torch.as_tensor(d.target, dtype=torch.long)
+
+
+@register_dataset("digits")
+def build_digits(root: str = "", download: bool = True, test_fraction: float = 0.3, split_seed: int = 0) -> DataBundle:
+    """Digits with a fixed stratified train/test split (70/30 by default, ``split_seed`` 0)."""
+    x, y = load_digits_tensors()
+    tr, te = stratified_split(y, test_fraction, split_seed)
+    return DataBundle("digits", TensorSplit(x[tr], y[tr]), TensorSplit(x[te], y[te]), num_classes=10)

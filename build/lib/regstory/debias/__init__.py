@@ -1,0 +1,1 @@
+"""Debiasing methods (the ``debias`` config group): each one a :class:`regstory.debias.base.DebiasPlugin`."""

@@ -1,0 +1,175 @@
+"""What every debiasing run measures, and the plugin base class that measures it.
+
+Group metrics (thesis sec. 3.6, Table 3.2; methods-debias.md sec. 7) over (target t, bias b) groups, where bias
+class k is the *aligned* bias of target k (a sample is bias-aligned when ``b == y``):
+
+* ``acc``: plain accuracy;
+* ``unbiased_acc``: mean of the accuracies of the (t, b) groups present (= accuracy on a group-balanced set);
+* ``conflicting_acc``: mean accuracy over the groups with t != b (bias-conflicting);
+* ``aligned_acc``: mean accuracy over the groups with t == b;
+* ``worst_group_acc``: the lowest group accuracy (GroupDRO's selection metric).
+
+Bias probe (Table 3.1's "gender prediction accuracy", as a post-hoc attacker): a fresh linear classifier trained to
+predict the bias from the *frozen* bottleneck features of the validation split (whose bias is independent of the
+target, so the probe cannot read the bias through the class), then tested on the test split. High = the bottleneck
+still carries the bias; chance = 1 / num_bias_classes.
+
+Model selection: every epoch's record holds the test and val metrics; ``finalize`` reports the last epoch and the
+epoch chosen by ``selection`` (a val metric, never a test metric) in ``summary.json``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from regstory.plugins import Plugin
+
+if TYPE_CHECKING:
+    from regstory.loop import RunContext
+
+#: defaults of the metric options every debias plugin takes (one place; subclasses reuse them)
+SELECTION, PROBE_EVERY, PROBE_STEPS = "val_unbiased_acc", 1, 300
+
+GROUP_METRICS = ("acc", "unbiased_acc", "conflicting_acc", "aligned_acc", "worst_group_acc")
+
+
+def group_accuracies(pred: Tensor, y: Tensor, bias: Tensor, num_classes: int, num_bias: int) -> Tensor:
+    """(num_classes, num_bias) matrix of accuracies per (target, bias) group; NaN where a group is empty."""
+    group = y * num_bias + bias
+    total = torch.bincount(group, minlength=num_classes * num_bias).float()
+    hits = torch.bincount(group, weights=(pred == y).float(), minlength=num_classes * num_bias)
+    acc = torch.where(total > 0, hits / total.clamp(min=1), torch.full_like(total, float("nan")))
+    return acc.view(num_classes, num_bias)
+
+
+def group_metrics(pred: Tensor, y: Tensor, bias: Tensor, num_classes: int, num_bias: int) -> dict[str, float]:
+    """Overall, unbiased, bias-conflicting, bias-aligned and worst-group accuracy (see module docstring)."""
+    acc = group_accuracies(pred, y, bias, num_classes, num_bias)
+    present = ~torch.isnan(acc)
+    t = torch.arange(num_classes)[:, None]
+    b = torch.arange(num_bias)[None, :]
+    aligned = (t == b) & present
+    conflicting = (t != b) & present
+    nan = float("nan")
+    return {
+        "acc": (pred == y).float().mean().item(),
+        "unbiased_acc": acc[present].mean().item() if present.any() else nan,
+        "conflicting_acc": acc[conflicting].mean().item() if conflicting.any() else nan,
+        "aligned_acc": acc[aligned].mean().item() if aligned.any() else nan,
+        "worst_group_acc": acc[present].min().item() if present.any() else nan,
+    }
+
+
+@torch.no_grad()
+def collect(model: nn.Module, loader) -> dict[str, Tensor]:
+    """Logits, bottleneck features, targets and bias labels of a whole split (model in eval mode, restored)."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {"logits": [], "features": [], "y": [], "bias": []}
+    for batch in loader:
+        logits, feats = model(batch["x"], return_features=True)
+        parts["logits"].append(logits.float())
+        parts["features"].append(feats.float())
+        parts["y"].append(batch["y"])
+        parts["bias"].append(batch["bias"])
+    model.train(was_training)
+    return {k: torch.cat(v).cpu() for k, v in parts.items()}
+
+
+def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
+                          steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> float:
+    """Accuracy on (test_x, test_y) of a linear softmax classifier fitted full-batch (Adam) on standardised
+    (train_x, train_y). Deterministic for a given seed."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    xs, xt = (train_x - mean) / std, (test_x - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    probe = nn.Linear(xs.shape[1], num_classes)
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(probe.weight.shape, generator=gen) * 0.01)
+        probe.bias.zero_()
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(probe(xs), train_y).backward()
+            opt.step()
+    with torch.no_grad():
+        return (probe(xt).argmax(1) == test_y).float().mean().item()
+
+
+class DebiasPlugin(Plugin):
+    """Base of every debiasing method; on its own it is ``debias=vanilla`` (plain CE plus the debiasing metrics).
+
+    Args:
+        selection: the val metric (a key of the epoch record, e.g. ``val_unbiased_acc``) whose best epoch of the
+            last round is reported as ``selected_*`` in summary.json; ``last`` reports the last epoch only.
+        probe_every: fit the bias probe every this many epochs (and always at a round's last epoch); 0 = never.
+        probe_steps: full-batch optimisation steps of the bias probe.
+    """
+
+    needs_features = True
+
+    def __init__(self, selection: str = SELECTION, probe_every: int = PROBE_EVERY, probe_steps: int = PROBE_STEPS):
+        self.selection = selection
+        self.probe_every = probe_every
+        self.probe_steps = probe_steps
+
+    # ---- metrics -------------------------------------------------------------------------------------------
+    def setup(self, ctx: "RunContext") -> None:
+        if ctx.data.num_bias_classes is None or "bias" not in ctx.data.train.extras:
+            raise ValueError(f"debias plugins need a dataset with bias labels (batch['bias']); "
+                             f"dataset '{ctx.data.name}' has none: use e.g. dataset=biased_digits")
+        self.num_bias = int(ctx.data.num_bias_classes)
+
+    def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        outputs = {split: collect(ctx.model, ctx.loaders[split]) for split in ("test", "val") if split in ctx.loaders}
+        for split, out in outputs.items():
+            metrics = group_metrics(out["logits"].argmax(1), out["y"], out["bias"], ctx.data.num_classes, self.num_bias)
+            record.update({f"{split}_{k}": v for k, v in metrics.items()})
+        if self._probe_due(ctx) and "val" in outputs:
+            record["bias_probe_acc"] = linear_probe_accuracy(
+                outputs["val"]["features"], outputs["val"]["bias"], outputs["test"]["features"],
+                outputs["test"]["bias"], self.num_bias, steps=self.probe_steps, seed=int(ctx.cfg.seed))
+        record.update(self.method_metrics(ctx, outputs))
+        return record
+
+    def _probe_due(self, ctx: "RunContext") -> bool:
+        if self.probe_every <= 0:
+            return False
+        return (ctx.epoch + 1) % self.probe_every == 0 or ctx.epoch + 1 == ctx.epochs
+
+    def method_metrics(self, ctx: "RunContext", outputs: dict[str, dict[str, Tensor]]) -> dict[str, Any]:
+        """Extra per-epoch metrics of a method (e.g. IRENE's own head accuracy), from the collected outputs."""
+        return {}
+
+    # ---- model selection -----------------------------------------------------------------------------------
+    def finalize(self, ctx: "RunContext") -> dict[str, Any]:
+        """Report the last epoch's and the selected epoch's test metrics (``last_*`` / ``selected_*``)."""
+        history = [r for r in ctx.history if "test_unbiased_acc" in r]
+        if not history:
+            return {}
+        keys = [f"test_{k}" for k in GROUP_METRICS] + ["bias_probe_acc"] + self.summary_keys()
+        summary: dict[str, Any] = {f"last_{k}": history[-1].get(k) for k in keys}
+        summary["selection"] = self.selection
+        if self.selection != "last":
+            scored = [r for r in history if r.get(self.selection) is not None]
+            if not scored:
+                raise ValueError(f"debias.selection={self.selection} is not a logged metric; use e.g. "
+                                 f"val_unbiased_acc, val_worst_group_acc or last")
+            best = max(scored, key=lambda r: r[self.selection])
+            summary.update({f"selected_{k}": best.get(k) for k in keys})
+            summary.update(selected_epoch=best["epoch"], selected_round=best["round"],
+                           selected_score=best[self.selection])
+        return summary
+
+    def summary_keys(self) -> list[str]:
+        """Method-specific epoch metrics to copy into the summary (last and selected)."""
+        return []
+
+
+class Vanilla(DebiasPlugin):
+    """Plain cross-entropy training with the debiasing metrics: the baseline of Tables 3.1 and 3.2."""

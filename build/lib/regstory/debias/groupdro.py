@@ -1,0 +1,104 @@
+"""Group DRO (Sagawa et al., ICLR 2020, Algorithm 1; authors' ``loss.py``), online group weights.
+
+Per batch: l_g = mean CE of the batch samples of group g (+ C / sqrt(n_g), the generalisation adjustment, n_g the
+group's training count); for the groups present in the batch, q_g <- q_g exp(eta * l_g), then q is renormalised;
+loss = sum_g q_g l_g over the groups present. Only present groups are updated (methods-debias.md: with many
+near-empty groups, updating absent ones with l_g = 0 drifts q).
+
+Groups (``groups``):
+* ``bias``: g = y * K_b + b, the paper's (target, bias) groups (reads bias labels: supervised);
+* ``target``: g = y, the target classes alone. It reads no bias label: this is the bias-agnostic variant (Table 3.2
+  marks Group DRO as bias-agnostic; with groups = classes it is a class-level DRO).
+
+``balanced_sampler`` draws training batches with replacement with probability proportional to 1 / n_g (the
+authors' ``--reweight_groups``, used in their CelebA command).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from regstory.data.device_loader import TensorLoader
+from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin
+
+if TYPE_CHECKING:
+    from regstory.loop import RunContext
+
+GROUPINGS = ("bias", "target")
+
+
+def group_index(y: Tensor, bias: Tensor | None, num_bias: int, groups: str) -> Tensor:
+    return y if groups == "target" else y * num_bias + bias
+
+
+def group_dro_step(per_sample_loss: Tensor, group: Tensor, q: Tensor, eta: float,
+                   adjustment: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One online Group DRO step: returns (robust loss, updated q). ``q`` is not modified in place."""
+    num_groups = len(q)
+    counts = torch.bincount(group, minlength=num_groups).to(per_sample_loss.dtype)
+    sums = torch.zeros(num_groups, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
+    sums = sums.index_add(0, group, per_sample_loss)
+    present = counts > 0
+    group_loss = sums / counts.clamp(min=1)
+    if adjustment is not None:
+        group_loss = group_loss + adjustment
+    with torch.no_grad():
+        q_new = q.clone()
+        q_new[present] = q[present] * torch.exp(eta * group_loss.detach()[present])
+        q_new = q_new / q_new.sum()
+    return (q_new * torch.where(present, group_loss, torch.zeros_like(group_loss))).sum(), q_new
+
+
+class GroupBalancedLoader(TensorLoader):
+    """A training loader that samples indices with replacement, P(i) proportional to 1 / n_{g(i)}
+    (``torch.utils.data.WeightedRandomSampler`` as in Group DRO's ``--reweight_groups``), seeded per epoch."""
+
+    def __init__(self, base: TensorLoader, group: Tensor):
+        self.__dict__.update(base.__dict__)
+        counts = torch.bincount(group).float()
+        self.sample_weights = (1.0 / counts[group]).cpu()
+
+    def _order(self, gen: torch.Generator) -> Tensor:
+        order = torch.multinomial(self.sample_weights, len(self.split), replacement=True, generator=gen)
+        return order.to(self.split.x.device)
+
+
+class GroupDRO(DebiasPlugin):
+    """Online Group DRO. Defaults: eta 0.01 and C 0 (authors' ``--robust_step_size`` / ``--generalization_adjustment``)."""
+
+    def __init__(self, eta: float = 0.01, adjustment: float = 0.0, groups: str = "bias",
+                 balanced_sampler: bool = True, selection: str = SELECTION, probe_every: int = PROBE_EVERY,
+                 probe_steps: int = PROBE_STEPS):
+        super().__init__(selection, probe_every, probe_steps)
+        if groups not in GROUPINGS:
+            raise ValueError(f"debias.groups={groups} is invalid: must be one of {', '.join(GROUPINGS)}")
+        self.eta, self.adjustment, self.groups, self.balanced_sampler = eta, adjustment, groups, balanced_sampler
+
+    def setup(self, ctx: "RunContext") -> None:
+        super().setup(ctx)
+        train = ctx.data.train
+        group = group_index(train.y, train.extras.get("bias"), self.num_bias, self.groups)
+        num_groups = ctx.data.num_classes * (self.num_bias if self.groups == "bias" else 1)
+        counts = torch.bincount(group, minlength=num_groups).float()
+        self.q = torch.full((num_groups,), 1.0 / num_groups, device=ctx.device)
+        self.adjust = (self.adjustment / counts.clamp(min=1).sqrt()).to(ctx.device) if self.adjustment > 0 else None
+        if self.balanced_sampler:
+            ctx.loaders["train"] = GroupBalancedLoader(ctx.loaders["train"], group.to(ctx.loaders["train"].split.y.device))
+
+    def task_loss(self, ctx, batch, out) -> Tensor:
+        group = group_index(batch["y"], batch.get("bias"), self.num_bias, self.groups)
+        loss, self.q = group_dro_step(out.per_sample_loss, group, self.q, self.eta, self.adjust)
+        return loss
+
+    def end_epoch(self, ctx) -> dict[str, Any]:
+        record = super().end_epoch(ctx)
+        record["groupdro_max_q"] = self.q.max().item()
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"q": self.q.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q = state["q"].to(self.q.device)

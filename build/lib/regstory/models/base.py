@@ -1,0 +1,36 @@
+"""The model interface every architecture follows: ``features`` (the bottleneck) then a linear ``head``."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from regstory.registry import Registry
+
+MODELS: Registry = Registry("architecture")
+register_model = MODELS.register
+
+
+class Classifier(nn.Module):
+    """``forward(x)`` gives logits; ``forward(x, return_features=True)`` gives (logits, bottleneck features).
+
+    The bottleneck is the input of the last linear layer (after global pooling for conv nets), which is where
+    debiasing methods (EnD, IRENE, Voronoi) act. Subclasses implement ``features`` and set ``self.head``.
+    """
+
+    head: nn.Linear
+
+    def features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, return_features: bool = False):
+        z = self.features(x)
+        logits = self.head(z)
+        return (logits, z) if return_features else logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flat_dim(input_shape: tuple[int, ...]) -> int:
+    return int(torch.tensor(input_shape).prod())

@@ -1,0 +1,268 @@
+"""The iterative pruning sweep shared by every pruning method (IMP, TWT, random, SNIP).
+
+Round 0 trains the dense model; each later round trains the model at the next sparsity. ``rounds`` counts the
+pruning steps, so a sweep has ``rounds + 1`` training rounds (round r of IMP has sparsity 1 - (1 - rate)^r).
+
+Per round: ``start_round`` applies the retraining mode (``retrain``, He et al. CVPR 2022 / DSD^2):
+
+- ``rewind``: weights (and buffers) rewound in place to their value at initialisation (``rewind_epoch=0``) or after
+  epoch ``rewind_epoch`` of round 0 (lottery-ticket style; He et al. rewind to iteration 1000, here an epoch),
+  then the full schedule;
+- ``lr_rewind``: keep the trained weights, replay the full lr schedule (DSD^2);
+- ``finetune``: keep the weights, train with a small constant lr ``finetune_lr``;
+- ``scratch``: re-initialise (seeded by seed and round), then the full schedule.
+
+``end_round`` measures the trained model (sparsity, activation entropy, memorisation of noisy labels), updates the
+stop criterion and the best-validation model (``checkpoints/best.pt``), then prunes for the next round.
+``finalize`` identifies the four SDD phases (:mod:`regstory.pruning.phases`) and writes them to ``summary.json``.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from regstory.checkpoint import save_checkpoint
+from regstory.config import ConfigError
+from regstory.data.device_loader import TensorLoader
+from regstory.plugins import Plugin
+from regstory.pruning.entropy import entropy_summary, neuron_entropies
+from regstory.pruning.masks import MaskSet, prunable_parameters
+from regstory.pruning.phases import describe_phases
+from regstory.pruning.stop import StopCriterion
+
+if TYPE_CHECKING:
+    from regstory.loop import RunContext
+
+RETRAIN_MODES = ("rewind", "lr_rewind", "finetune", "scratch")
+BEST = "best.pt"
+
+
+class PruningSweep(Plugin):
+    """Masks, pinning, retraining modes, measurements, stop criterion and phases; subclasses choose what to prune
+    by overriding :meth:`prune` (after a round) or :meth:`prune_before_training` (one-shot at init)."""
+
+    def __init__(self, rounds: int = 30, retrain: str = "rewind", rewind_epoch: int = 0, finetune_lr: float = 0.001,
+                 target_sparsity: float | None = None, first_layer: bool = True, last_layer: bool = True,
+                 bias: bool = False, batchnorm: bool = False, entropy_samples: int | None = 1000,
+                 entropy_zero_is_on: bool = False, measure_memorization: bool = True, stop: str = "none",
+                 stop_average: str = "nonconstant", stop_patience: int = 2, stop_tolerance: float = 0.0,
+                 stop_acc_drop: float = 0.01, stop_reference: str = "onset", phase_metric: str = "test_acc",
+                 phase_tol: float = 0.01, remask_after_step: bool = False):
+        if retrain not in RETRAIN_MODES:
+            raise ConfigError(f"method.retrain='{retrain}' is unknown: use one of {', '.join(RETRAIN_MODES)}")
+        if stop_average not in ("all", "nonconstant"):
+            raise ConfigError(f"method.stop_average='{stop_average}' is unknown: use all or nonconstant")
+        if rounds < 0:
+            raise ConfigError(f"method.rounds={rounds} is invalid: must be an integer >= 0")
+        if target_sparsity is not None and not 0 < target_sparsity < 1:
+            raise ConfigError(f"method.target_sparsity={target_sparsity} is invalid: must be in (0, 1) or null")
+        try:
+            self.stop = StopCriterion(stop, stop_patience, stop_tolerance, stop_acc_drop, stop_reference)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.rounds, self.retrain, self.rewind_epoch, self.finetune_lr = rounds, retrain, rewind_epoch, finetune_lr
+        self.target_sparsity = target_sparsity
+        self.mask_options = dict(first_layer=first_layer, last_layer=last_layer, bias=bias, batchnorm=batchnorm)
+        self.entropy_samples, self.entropy_zero_is_on = entropy_samples, entropy_zero_is_on
+        self.measure_memorization = measure_memorization
+        self.stop_average, self.phase_metric, self.phase_tol = stop_average, phase_metric, phase_tol
+        self.remask_after_step = remask_after_step
+        self.masks: MaskSet | None = None
+        self.rewind_state: dict[str, Tensor] | None = None
+        self.best: dict[str, Any] = {}
+
+    # -- set-up and state -----------------------------------------------------------------------------------------
+    def setup(self, ctx: "RunContext") -> None:
+        self.masks = MaskSet(prunable_parameters(ctx.model, **self.mask_options))
+        if not self.masks.names:
+            raise ConfigError("pruning: the model has no prunable conv/linear tensors with these method options")
+        if self.retrain == "rewind" and self.rewind_epoch == 0:
+            self.rewind_state = snapshot(ctx.model)
+        if self.rewind_epoch >= ctx.epochs and self.retrain == "rewind":
+            raise ConfigError(f"method.rewind_epoch={self.rewind_epoch} must be < trainer.epochs={ctx.epochs}")
+        if self.stop.mode != "none" and "val" not in ctx.loaders:
+            raise ConfigError(f"method.stop={self.stop.mode} judges accuracy on a clean validation split: "
+                              f"set dataset.val_fraction > 0 (e.g. dataset.val_fraction=0.1)")
+
+    def num_rounds(self) -> int:
+        return self.rounds + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks.state_dict(), "rewind_state": self.rewind_state,
+                "stop": self.stop.state_dict(), "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks.load_state_dict(state["masks"])
+        self.rewind_state = state["rewind_state"]
+        self.stop.load_state_dict(state["stop"])
+        self.best = state["best"]
+        self.masks.apply_to_weights()
+
+    # -- pinning (every step) -------------------------------------------------------------------------------------
+    def after_backward(self, ctx: "RunContext") -> None:
+        self.masks.zero_grads()
+
+    def after_step(self, ctx: "RunContext") -> None:
+        """Re-mask the weights. With zeroed gradients and optimizer state SGD, Adam and AdamW leave pruned weights at
+        exactly 0 anyway; this is the safety net for optimizers that do not (``remask_after_step=false`` skips it)."""
+        if self.remask_after_step:
+            self.masks.apply_to_weights()
+
+    # -- rounds ---------------------------------------------------------------------------------------------------
+    def start_round(self, ctx: "RunContext") -> None:
+        if ctx.round > 0:
+            self.apply_retrain_mode(ctx)
+        self.prune_before_training(ctx)
+        self.masks.apply_to_weights()
+        self.masks.zero_optimizer_state(ctx.optimizer)
+
+    def apply_retrain_mode(self, ctx: "RunContext") -> None:
+        if self.retrain == "rewind":
+            load_in_place(ctx.model, self.rewind_state)
+        elif self.retrain == "finetune":
+            ctx.rebuild_optimizer(lr=self.finetune_lr, schedule="constant")
+        elif self.retrain == "scratch":
+            reinitialise(ctx.model, seed=int(ctx.cfg.seed) * 1009 + ctx.round)
+        # lr_rewind: keep the weights; fit() has already rebuilt the optimizer with the full schedule
+
+    def start_epoch(self, ctx: "RunContext") -> None:
+        """Fine-tuning rounds keep a constant lr, also after a resume (which rebuilds the trainer's scheduler)."""
+        if self.retrain == "finetune" and ctx.round > 0:
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = self.finetune_lr
+
+    def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
+        if ctx.round == 0 and self.retrain == "rewind" and self.rewind_epoch > 0 and ctx.epoch + 1 == self.rewind_epoch:
+            self.rewind_state = snapshot(ctx.model)
+        return {}
+
+    def end_round(self, ctx: "RunContext") -> dict[str, Any]:
+        alive, total = self.masks.counts()
+        record: dict[str, Any] = {"sparsity": 1 - alive / total, "remaining_weights": alive}
+        record.update(self.measure_entropy(ctx))
+        if self.measure_memorization:
+            record.update(memorization(ctx))
+        val_acc = ctx.history[-1].get("val_acc") if ctx.history else None
+        self.keep_best(ctx, val_acc, record["sparsity"])
+        entropy = record["entropy_mean" if self.stop_average == "all" else "entropy_mean_nonconstant"]
+        if self.stop.update(entropy, val_acc):
+            ctx.stop_rounds = True
+            record["stopped"] = True
+        if self.stop.onset is not None and self.stop.onset == len(self.stop.accs) - 1:
+            record["entropy_onset"] = True
+        if self.target_sparsity is not None and record["sparsity"] >= self.target_sparsity - 1.0 / total:
+            ctx.stop_rounds = True
+        if not ctx.stop_rounds and ctx.round + 1 < self.num_rounds():
+            self.prune(ctx)
+            self.masks.zero_optimizer_state(ctx.optimizer)
+        return record
+
+    def finalize(self, ctx: "RunContext") -> dict[str, Any]:
+        rounds = read_rounds(ctx.run_dir)
+        out: dict[str, Any] = {"final_sparsity": self.masks.sparsity()}
+        curve = [(r["sparsity"], r[self.phase_metric]) for r in rounds if r.get(self.phase_metric) is not None]
+        if curve:
+            sparsity, acc = zip(*curve)
+            out["sdd"] = {"metric": self.phase_metric, "tol": self.phase_tol, **describe_phases(sparsity, acc,
+                                                                                                 self.phase_tol)}
+        if self.best:
+            out["best_val_model"] = self.best
+        if self.stop.onset is not None:
+            out["entropy_onset_round"] = self.stop.onset
+        return out
+
+    # -- what subclasses choose -----------------------------------------------------------------------------------
+    def prune(self, ctx: "RunContext") -> None:
+        """Prune the trained model for the next round (iterative methods)."""
+
+    def prune_before_training(self, ctx: "RunContext") -> None:
+        """Prune at the start of a round, after the retraining mode (one-shot-at-init methods)."""
+
+    def next_sparsity(self, current: float, rate: float) -> float:
+        """Remove ``rate`` of the remaining weights, capped at ``target_sparsity``."""
+        nxt = 1 - (1 - current) * (1 - rate)
+        return min(nxt, self.target_sparsity) if self.target_sparsity is not None else nxt
+
+    # -- measurements ---------------------------------------------------------------------------------------------
+    def measure_entropy(self, ctx: "RunContext") -> dict[str, float]:
+        """Eq. 2.16-2.17 on a fixed, un-augmented subset of the train split (``entropy_samples``; null = all)."""
+        split = ctx.loaders["train"].split
+        n = len(split)
+        if self.entropy_samples and self.entropy_samples < n:
+            gen = torch.Generator().manual_seed(int(ctx.cfg.seed))
+            split = split.subset(torch.randperm(n, generator=gen)[: self.entropy_samples].sort().values.to(split.x.device))
+        loader = TensorLoader(split, int(ctx.cfg.trainer.eval_batch_size), mean=ctx.data.mean, std=ctx.data.std)
+        return entropy_summary(neuron_entropies(ctx.model, loader, self.entropy_zero_is_on))
+
+    def keep_best(self, ctx: "RunContext", val_acc: float | None, sparsity: float) -> None:
+        """Save the model with the best clean validation accuracy so far to ``checkpoints/best.pt``."""
+        if val_acc is None or (self.best and val_acc <= self.best["val_acc"]):
+            return
+        self.best = {"round": ctx.round, "val_acc": val_acc, "sparsity": sparsity,
+                     "test_acc": ctx.history[-1].get("test_acc")}
+        if ctx.is_main_process:
+            save_checkpoint(ctx.run_dir / "checkpoints" / BEST,
+                            {"model": ctx.model.state_dict(), "masks": self.masks.state_dict(), **self.best})
+
+
+@torch.no_grad()
+def memorization(ctx: "RunContext") -> dict[str, float]:
+    """On the noisy train samples: the fraction predicted as their (wrong) training label and as their true label."""
+    split = ctx.loaders["train"].split
+    if "is_noisy" not in split.extras or not bool(split.extras["is_noisy"].any()):
+        return {}
+    noisy = split.subset(torch.nonzero(split.extras["is_noisy"]).flatten())
+    loader = TensorLoader(noisy, int(ctx.cfg.trainer.eval_batch_size), mean=ctx.data.mean, std=ctx.data.std)
+    was_training = ctx.model.training
+    ctx.model.eval()
+    fit_noisy, fit_true = 0, 0
+    for batch in loader:
+        pred = ctx.model(batch["x"]).argmax(1)
+        fit_noisy += int((pred == batch["y"]).sum())
+        fit_true += int((pred == batch["true_y"]).sum())
+    ctx.model.train(was_training)
+    return {"noisy_memorized": fit_noisy / len(noisy), "noisy_true_label_acc": fit_true / len(noisy)}
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
+    """A detached copy of the model's state (weights and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def load_in_place(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` into the model's existing tensors (the optimizer holds these very Parameter objects)."""
+    for name, tensor in model.state_dict().items():
+        tensor.copy_(state[name])
+
+
+@torch.no_grad()
+def reinitialise(model: torch.nn.Module, seed: int) -> None:
+    """Fresh initialisation in place (each module's ``reset_parameters``), seeded, without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = copy.deepcopy(model)
+        for module in fresh.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    load_in_place(model, fresh.state_dict())
+
+
+def read_rounds(run_dir) -> list[dict[str, Any]]:
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def with_sweep_options(cls):
+    """Give a subclass whose ``__init__`` takes ``(own options, **common)`` the full explicit signature, so config
+    keys are checked (``regstory.config.check_targets``) against its own and the sweep's options."""
+    own = [p for p in inspect.signature(cls.__init__).parameters.values()
+           if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+    common = [p for p in inspect.signature(PruningSweep.__init__).parameters.values() if p.name != "self"]
+    cls.__signature__ = inspect.Signature([p.replace(kind=p.KEYWORD_ONLY) for p in own + common])
+    return cls

@@ -1,0 +1,322 @@
+"""``regstory-run``: the Hydra entry point (``main``) and the pure core (``run``) that tests call directly."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from regstory.checkpoint import LAST, CheckpointError, load_checkpoint
+from regstory.config import ConfigError, check_targets, check_values, flat_config, register_configs
+from regstory.data.base import DatasetNotFoundError
+from regstory.data.prepare import fingerprint, make_loaders, prepare_data
+from regstory import distributed
+from regstory.loop import NonFiniteLossError, RunContext, fit
+from regstory.models.base import count_parameters
+from regstory.plugins import Plugin
+from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption
+from regstory.registry import UnknownNameError
+from regstory.tracking import RunLogger
+from regstory.utils import atomic_write_json, seed_everything, set_rng_states
+
+log = logging.getLogger("regstory")
+
+#: errors a user can fix from the message alone: shown as one line, no traceback
+USER_ERRORS = (ConfigError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, UnknownNameError)
+
+
+def conf_dir() -> str:
+    """The config root: ``conf/`` beside the package in a source checkout (editable install), else the copy
+    shipped inside the installed package (``regstory/conf``)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "conf"
+    return str(checkout if (checkout / "config.yaml").exists() else package / "conf")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_torch(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    threads = int(t.num_threads) or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # env: e.g. a launcher's env_set
+    if threads:
+        torch.set_num_threads(threads)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not t.deterministic
+
+
+def build_plugins(cfg: DictConfig) -> list[Plugin]:
+    """Instantiate the method, debias and distill groups, in that order; each must be a Plugin."""
+    plugins = []
+    for group in ("method", "debias", "distill"):
+        node = cfg.get(group)
+        if node is None or "_target_" not in node:
+            continue
+        plugin = instantiate(node, _convert_="all")
+        if not isinstance(plugin, Plugin):
+            raise ConfigError(f"{group}._target_ {node._target_} is not a regstory.plugins.Plugin")
+        plugins.append(plugin)
+    return plugins
+
+
+def provenance(cfg: DictConfig, data_fingerprint: str) -> dict[str, Any]:
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "git_commit": commit,
+        "seed": int(cfg.seed),
+        "torch_num_threads": torch.get_num_threads(),
+        "data_fingerprint": data_fingerprint,
+        "python": sys.version.split()[0],
+        "packages": {p: version(p) for p in ("regstory", "torch", "torchvision", "hydra-core", "wandb", "numpy")},
+        "argv": sys.argv,
+    }
+
+
+def sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep folder's name, so all jobs of a sweep share one W&B group."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    except ValueError:
+        return None
+
+
+def summarize(ctx: RunContext, rounds: list[dict], wall_s: float) -> dict[str, Any]:
+    records = [r for r in _read_all_records(ctx.run_dir)] or ctx.history
+    final = ctx.history[-1] if ctx.history else (records[-1] if records else {})
+    tested = [r for r in records if r.get("test_acc") is not None]
+    summary: dict[str, Any] = {f"final_{k}": v for k, v in final.items() if k not in ("round", "epoch")}
+    if tested:
+        best = max(tested, key=lambda r: r["test_acc"])
+        summary.update(best_test_acc=best["test_acc"], best_test_epoch=best["epoch"], best_test_round=best["round"])
+    validated = [r for r in records if r.get("val_acc") is not None]
+    if validated:
+        best = max(validated, key=lambda r: r["val_acc"])
+        summary.update(best_val_acc=best["val_acc"], test_acc_at_best_val=best.get("test_acc"),
+                       best_val_epoch=best["epoch"], best_val_round=best["round"])
+    summary.update(
+        num_params=count_parameters(ctx.model),
+        num_rounds=len(rounds) if rounds else None,
+        epochs=ctx.epochs,
+        wall_time_s=wall_s,
+        device=str(ctx.device),
+    )
+    for p in ctx.plugins:
+        summary.update(p.finalize(ctx))
+    return summary
+
+
+def _read_all_records(run_dir: Path) -> list[dict]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_rounds(run_dir: Path) -> list[dict]:
+    import json
+
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train as the config says and return the summary (also written to ``<run_dir>/summary.json``).
+
+    Under torchrun (``WORLD_SIZE > 1``) this is one rank of a data-parallel run (:mod:`regstory.distributed`).
+    SIGTERM/SIGUSR1/SIGUSR2 stop the run at the next epoch boundary with its checkpoint written
+    (:mod:`regstory.preemption`, raises :class:`Preempted`).
+    """
+    check_values(cfg)
+    check_targets(cfg)
+    env = distributed.env_from_torchrun()
+    if run_dir is None and not (env.active and not env.is_main):
+        run_dir = _hydra_run_dir()
+    configure_torch(cfg)
+    device = distributed.init(resolve_device(str(cfg.trainer.device)), env)
+    try:
+        run_dir = distributed.share_run_dir(Path(run_dir) if run_dir is not None else None, env)
+        with PreemptionGuard() as guard:
+            return _run(cfg, run_dir, device, env, guard)
+    finally:
+        distributed.shutdown(env)
+
+
+def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.DistEnv,
+         guard: PreemptionGuard) -> dict[str, Any]:
+    main_process = env.is_main
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = None
+    ckpt_path = run_dir / "checkpoints" / LAST
+    if auto_resume(cfg.resume, ckpt_path):
+        if not ckpt_path.exists():
+            raise CheckpointError(f"resume=true but there is no checkpoint at '{ckpt_path}'; "
+                                  f"pass the run's folder with hydra.run.dir=<run dir> resume=true")
+        ckpt = load_checkpoint(ckpt_path)
+    else:
+        refuse_to_overwrite(run_dir)
+
+    seed_everything(int(cfg.seed))
+    with distributed.main_process_first(env):  # one download / data cache write, then the other ranks read it
+        bundle = prepare_data(cfg, run_dir if main_process else None)
+    model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    plugins = build_plugins(cfg)
+    logger = RunLogger(run_dir, cfg.logger, flat_config(cfg), ckpt["wandb_id"] if ckpt else None, sweep_group(),
+                       enabled=main_process)
+    ctx = RunContext(cfg=cfg, model=model, data=bundle, device=device, plugins=plugins, run_dir=run_dir,
+                     loaders=make_loaders(bundle, cfg, device, shard=(env.rank, env.world)), logger=logger,
+                     is_main_process=main_process, preemption=guard)
+    distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
+    if cfg.trainer.compile:
+        ctx.forward_model = torch.compile(ctx.net)
+    if str(cfg.trainer.precision) == "fp16" and device.type == "cuda":
+        ctx.scaler = torch.amp.GradScaler("cuda")
+    if main_process:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        atomic_write_json(run_dir / "provenance.json", provenance(cfg, fingerprint(bundle)))
+    for p in plugins:
+        p.setup(ctx)
+
+    exit_code = 1
+    summary: dict[str, Any] | None = None
+    try:
+        start = None
+        if ckpt is not None:
+            start = restore(ctx, ckpt)
+            log.info("resuming from %s at round %d, epoch %d", ckpt_path, start["round"], start["epoch"])
+        if start is not None and start.get("finished"):
+            log.info("the run in %s had already finished; rewriting its summary only", run_dir)
+            rounds = _read_rounds(run_dir)
+        else:
+            rounds = _read_rounds(run_dir) + fit(ctx, start)
+        summary = summarize(ctx, rounds, ctx.wall_time_s)
+        if main_process:
+            atomic_write_json(run_dir / "summary.json", summary)
+        exit_code = 0
+        return summary
+    finally:
+        logger.finish(summary, exit_code)
+
+
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A fresh run never writes into a run dir that already holds a run's checkpoint or metrics."""
+    taken = [name for name in (f"checkpoints/{LAST}", "metrics.jsonl") if (run_dir / name).exists()]
+    if taken:
+        raise ConfigError(f"run dir '{run_dir}' already holds a run ({', '.join(taken)}); continue it with "
+                          f"resume=true, or start a new run in another hydra.run.dir")
+
+
+def restore(ctx: RunContext, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Load model/optimizer/plugin/RNG states and rewind the metric files to the checkpoint's position."""
+    ctx.model.load_state_dict(ckpt["model"])
+    for plugin, state in zip(ctx.plugins, ckpt["plugins"]):
+        plugin.load_state_dict(state)
+    position = ckpt["position"]
+    ctx.global_step = position["global_step"]
+    ctx.history = ckpt["history"]
+    if position["round_started"]:
+        ctx.rebuild_optimizer()
+        ctx.optimizer.load_state_dict(ckpt["optimizer"])
+        ctx.scheduler.load_state_dict(ckpt["scheduler"])
+        if ctx.scaler is not None and ckpt.get("scaler"):
+            ctx.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("logs"):
+        ctx.logger.rewind_to(ckpt["logs"])
+    set_rng_states(ckpt["rng"])
+    ctx.wall_before = float(ckpt.get("wall_time_s", 0.0))
+    return position
+
+
+def _hydra_run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _explain(err: BaseException) -> str:
+    """The innermost useful message of an error (Hydra wraps errors raised while instantiating)."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return f"{err}" if isinstance(err, USER_ERRORS + (ValueError, TypeError)) else f"{type(err).__name__}: {err}"
+
+
+def run_or_exit(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """:func:`run`, with a user error shown as one line and exit status 2, and a preemption as exit status
+    ``regstory.preemption.PREEMPTED_EXIT_CODE`` (or a submitit requeue). File-system errors (disk full...) are user errors too."""
+    try:
+        return run(cfg, run_dir)
+    except Preempted as err:
+        log.warning("%s", err)
+        exit_after_preemption(err)
+    except USER_ERRORS + (InstantiationException, OSError) as err:
+        message = _explain(err)
+        log.error(message)
+        print(f"regstory-run: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return None
+
+
+def hydra_entry(cfg: DictConfig) -> dict[str, Any] | None:
+    return run_or_exit(cfg)
+
+
+def worker_rank_main(overrides: list[str]) -> None:
+    """A non-zero torchrun rank: compose the same config as rank 0 without Hydra's run dir, logs and folders
+    (rank 0 creates those and tells the other ranks where the run dir is)."""
+    from hydra import compose, initialize_config_dir
+
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {os.environ.get('RANK')}] %(levelname)s %(message)s")
+    if any(o in ("-m", "--multirun") or o.startswith("-") for o in overrides):
+        print("regstory-run: error: under torchrun pass plain overrides for one run (no -m/--multirun or Hydra "
+              "flags); sweep with a launcher instead", file=sys.stderr)
+        raise SystemExit(2)
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose("config", overrides=[o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
+    run_or_exit(cfg)
+
+
+def main() -> None:
+    import hydra
+
+    register_configs()
+    if distributed.is_worker_rank():
+        worker_rank_main(sys.argv[1:])
+        return
+    hydra.main(version_base=None, config_path=conf_dir(), config_name="config")(hydra_entry)()
+
+
+if __name__ == "__main__":
+    main()
