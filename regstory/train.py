@@ -98,13 +98,13 @@ def provenance(cfg: DictConfig, data_fingerprint: str) -> dict[str, Any]:
 
 
 def sweep_group() -> str | None:
-    """In a Hydra multirun, the sweep folder's name, so all jobs of a sweep share one W&B group."""
+    """In a Hydra multirun, the sweep folder (`<date>_<time>` by default), so all jobs of a sweep share one W&B group."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+        return "_".join(Path(hc.sweep.dir).parts[-2:]) if hc.mode == RunMode.MULTIRUN else None
     except ValueError:
         return None
 

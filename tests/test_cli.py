@@ -48,3 +48,13 @@ def test_missing_dataset_names_folder_and_flag(tmp_path):
                    cwd=tmp_path, check=False)
     assert_one_line_error(proc, "regstory-run: error: dataset 'cifar10' not found", "data.download=true")
     assert proc.returncode == 2
+
+
+def test_a_multirun_sweep_is_one_wandb_group(tmp_path):
+    run_cli("-m", "dataset=digits", "arch=mlp", "arch.width=8", "trainer.epochs=1", "seed=0,1",
+            "logger.wandb.mode=offline", "trainer.num_threads=1", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    group = f"{sweep.parent.name}_{sweep.name}".encode()
+    runs = sorted(sweep.glob("*/wandb/offline-run-*/*.wandb"))
+    assert len(runs) == 2
+    assert all(group in path.read_bytes() for path in runs)  # the group is stored in each run's record
