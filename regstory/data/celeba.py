@@ -48,13 +48,18 @@ def load_split_images(ds, image_size: int, cache: Path) -> Tensor:
     return out
 
 
+def attribute_index(names: list[str], name: str) -> int:
+    """Column of attribute ``name``, case-insensitive (``heavy_makeup`` finds ``Heavy_Makeup``)."""
+    lowered = [n.lower() for n in names]
+    if name.lower() not in lowered:
+        raise ValueError(f"CelebA has no attribute '{name}'; choose from: {', '.join(n for n in names if n)}")
+    return lowered.index(name.lower())
+
+
 def attribute_labels(ds, target: str, bias: str, flip_bias: bool) -> tuple[Tensor, Tensor]:
     names = list(ds.attr_names)
-    for name in (target, bias):
-        if name not in names:
-            raise ValueError(f"CelebA has no attribute '{name}'; choose from: {', '.join(n for n in names if n)}")
-    y = ds.attr[:, names.index(target)].long()
-    b = ds.attr[:, names.index(bias)].long()
+    y = ds.attr[:, attribute_index(names, target)].long()
+    b = ds.attr[:, attribute_index(names, bias)].long()
     return y, (1 - b) if flip_bias else b
 
 

@@ -78,3 +78,14 @@ def test_celeba_trains_through_the_loop_with_uint8_inputs(fake_celeba, tmp_path)
                    "trainer.epochs=1", "trainer.batch_size=16")
     summary = run(cfg, run_dir=tmp_path / "run")
     assert 0.0 <= summary["last_test_unbiased_acc"] <= 1.0 and summary["last_test_worst_group_acc"] is not None
+
+
+def test_attribute_names_are_case_insensitive():
+    import pytest
+
+    from regstory.data.celeba import attribute_index
+
+    names = ["5_o_Clock_Shadow", "Blond_Hair", "Heavy_Makeup", "Male", ""]
+    assert attribute_index(names, "heavy_makeup") == 2 and attribute_index(names, "Blond_Hair") == 1
+    with pytest.raises(ValueError, match="no attribute 'Bald'; choose from: 5_o_Clock_Shadow, Blond_Hair"):
+        attribute_index(names, "Bald")
