@@ -11,7 +11,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on disk and may not be downloaded; the message says which folder and flag to set."""
 
 
-def missing_dataset_message(name: str, root: str, reason: str) -> str:
+def missing_dataset_message(name: str, root: str, reason: str, download_tried: bool = False) -> str:
+    if download_tried:
+        return (f"dataset '{name}' is not under '{root}' and downloading it failed ({reason}): check the network, "
+                f"or put the files there / point data.root=<folder> at a copy.")
     return (
         f"dataset '{name}' not found under '{root}' ({reason}). Put it there, point data.root=<folder> at a copy, "
         f"or allow a download with data.download=true (needs network)."

@@ -20,9 +20,9 @@ def open_torchvision(cls, name: str, root: str, download: bool, **kwargs):
     try:
         return cls(root=root, download=download, **kwargs)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise DatasetNotFoundError(missing_dataset_message(name, root, str(err).split(".")[0])) from None
+        raise DatasetNotFoundError(missing_dataset_message(name, root, str(err).split(".")[0], download)) from None
     except OSError as err:  # no network while downloading
-        raise DatasetNotFoundError(missing_dataset_message(name, root, f"download failed: {err}")) from None
+        raise DatasetNotFoundError(missing_dataset_message(name, root, str(err), download)) from None
 
 
 def _hwc_uint8_to_tensor(data) -> torch.Tensor:

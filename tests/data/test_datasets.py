@@ -64,3 +64,14 @@ def test_missing_cifar_without_download_names_folder_and_flag(tmp_path):
         build_cifar10(str(tmp_path / "nowhere"), download=False)
     message = str(err.value)
     assert "nowhere" in message and "data.download=true" in message and "data.root" in message
+
+
+def test_failed_download_says_so_instead_of_asking_for_download(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
+    with pytest.raises(DatasetNotFoundError, match="downloading it failed .*network unreachable.*data.root"):
+        build_cifar10(str(tmp_path), download=True)
