@@ -50,3 +50,28 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Interrupted(Exception):
+    """Raised by :func:`interrupt_then_resume` to simulate a kill."""
+
+
+def interrupt_then_resume(monkeypatch, cls, hook: str, at: tuple[int, int], overrides, run_dir: Path) -> dict:
+    """Run ``overrides`` with ``cls.<hook>`` raising at (round, epoch) == ``at`` (a simulated kill), then resume the
+    same run dir with ``resume=true``; returns the resumed run's summary."""
+    import pytest
+
+    from regstory.train import run
+
+    original = getattr(cls, hook)
+
+    def interrupt(self, ctx, *args, **kwargs):
+        if (ctx.round, ctx.epoch) == at:
+            raise Interrupted
+        return original(self, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(cls, hook, interrupt)
+    with pytest.raises(Interrupted):
+        run(make_cfg(*overrides), run_dir=run_dir)
+    monkeypatch.setattr(cls, hook, original)
+    return run(make_cfg(*overrides, "resume=true"), run_dir=run_dir)

@@ -2,12 +2,8 @@
 import pytest
 
 from regstory.train import run
-from tests.conftest import make_cfg, read_jsonl
+from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl
 from tests.debias.test_end_to_end import TINY
-
-
-class Interrupt(Exception):
-    pass
 
 
 @pytest.mark.parametrize("method,cls_path,stop_at", [
@@ -22,18 +18,7 @@ def test_interrupted_and_resumed_run_matches_straight_run(method, cls_path, stop
 
     module_name, cls_name = cls_path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), cls_name)
-    original = cls.start_epoch
-
-    def stop_once(self, ctx):
-        if (ctx.round, ctx.epoch) == stop_at:
-            raise Interrupt
-        return original(self, ctx)
-
-    monkeypatch.setattr(cls, "start_epoch", stop_once)
-    with pytest.raises(Interrupt):
-        run(make_cfg(*overrides), run_dir=tmp_path / "resumed")
-    monkeypatch.setattr(cls, "start_epoch", original)
-    resumed = run(make_cfg(*overrides, "resume=true"), run_dir=tmp_path / "resumed")
+    resumed = interrupt_then_resume(monkeypatch, cls, "start_epoch", stop_at, overrides, tmp_path / "resumed")
     for key in ("last_test_unbiased_acc", "last_test_conflicting_acc", "last_bias_probe_acc", "selected_epoch"):
         assert resumed[key] == straight[key], key
     assert len(read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == len(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))

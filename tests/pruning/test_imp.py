@@ -12,7 +12,7 @@ from regstory.pruning.magnitude import IMP
 from regstory.pruning.random import RandomPruning
 from regstory.pruning.snip import SNIP, connection_sensitivity
 from regstory.train import run
-from tests.conftest import make_cfg, read_jsonl, run_cli
+from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
 
 
 def fake_ctx(epochs=3):
@@ -146,18 +146,7 @@ def test_resume_mid_sweep_gives_the_same_rounds(tmp_path, monkeypatch):
     args = ("dataset=digits", "method=imp", "method.rounds=2", "method.rate=0.5", "trainer.epochs=2")
     straight = run(make_cfg(*args), run_dir=tmp_path / "a")
 
-    real_end_epoch = IMP.end_epoch
-
-    def crash_in_round_1(self, ctx):
-        if ctx.round == 1 and ctx.epoch == 0:
-            raise KeyboardInterrupt
-        return real_end_epoch(self, ctx)
-
-    monkeypatch.setattr(IMP, "end_epoch", crash_in_round_1)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(*args), run_dir=tmp_path / "b")
-    monkeypatch.setattr(IMP, "end_epoch", real_end_epoch)
-    resumed = run(make_cfg(*args, "resume=true"), run_dir=tmp_path / "b")
+    resumed = interrupt_then_resume(monkeypatch, IMP, "end_epoch", (1, 0), args, tmp_path / "b")
     a, b = read_jsonl(tmp_path / "a" / "rounds.jsonl"), read_jsonl(tmp_path / "b" / "rounds.jsonl")
     assert [r["sparsity"] for r in a] == [r["sparsity"] for r in b]
     assert [r["test_acc"] for r in a] == pytest.approx([r["test_acc"] for r in b], abs=1e-6)
