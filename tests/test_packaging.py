@@ -1,4 +1,5 @@
 """The package ships everything a plain (non-editable) install needs, the Hydra configs included."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,8 +22,13 @@ def test_every_subpackage_is_declared_in_pyproject():
 
 
 def test_wheel_carries_the_configs_and_finds_them_when_installed(tmp_path):
+    source = tmp_path / "source"  # build from a copy: setuptools leaves a build/ folder in the source tree
+    for name in ("regstory", "conf"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("regstory-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {n.removeprefix("regstory/conf/") for n in names if n.startswith("regstory/conf/") and n.endswith(".yaml")}

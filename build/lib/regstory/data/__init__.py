@@ -1,6 +1,0 @@
-"""Datasets (registry), label noise, and the device-resident loader."""
-from regstory.data import biased, celeba, digits, imagenet, mnist1d, torchvision_sets  # noqa: F401  (register built-ins)
-from regstory.data.base import Augment, DataBundle, DatasetNotFoundError, DatasetSplit, TensorSplit
-from regstory.data.registry import DATASETS, register_dataset
-
-__all__ = ["Augment", "DataBundle", "DatasetNotFoundError", "DatasetSplit", "TensorSplit", "DATASETS", "register_dataset"]

@@ -1,1 +1,0 @@
-"""Debiasing methods (the ``debias`` config group): each one a :class:`regstory.debias.base.DebiasPlugin`."""
