@@ -26,6 +26,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (``metrics.jsonl``, ``rounds.jsonl``); none if the file does not exist."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class JsonlWriter:
     """Append-only JSON-lines file; each line is flushed and fsynced (a kill loses at most the line in flight)."""
 

@@ -24,7 +24,7 @@ from regstory.models.base import count_parameters
 from regstory.plugins import Plugin
 from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption
 from regstory.registry import UnknownNameError
-from regstory.tracking import RunLogger
+from regstory.tracking import METRICS_FILE, ROUNDS_FILE, RunLogger, read_jsonl
 from regstory.utils import atomic_write_json, seed_everything, set_rng_states
 
 log = logging.getLogger("regstory")
@@ -110,7 +110,7 @@ def sweep_group() -> str | None:
 
 
 def summarize(ctx: RunContext, rounds: list[dict], wall_s: float) -> dict[str, Any]:
-    records = [r for r in _read_all_records(ctx.run_dir)] or ctx.history
+    records = read_jsonl(ctx.run_dir / METRICS_FILE) or ctx.history
     final = ctx.history[-1] if ctx.history else (records[-1] if records else {})
     tested = [r for r in records if r.get("test_acc") is not None]
     summary: dict[str, Any] = {f"final_{k}": v for k, v in final.items() if k not in ("round", "epoch")}
@@ -132,22 +132,6 @@ def summarize(ctx: RunContext, rounds: list[dict], wall_s: float) -> dict[str, A
     for p in ctx.plugins:
         summary.update(p.finalize(ctx))
     return summary
-
-
-def _read_all_records(run_dir: Path) -> list[dict]:
-    import json
-
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _read_rounds(run_dir: Path) -> list[dict]:
-    import json
-
-    path = run_dir / "rounds.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -219,9 +203,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
             log.info("resuming from %s at round %d, epoch %d", ckpt_path, start["round"], start["epoch"])
         if start is not None and start.get("finished"):
             log.info("the run in %s had already finished; rewriting its summary only", run_dir)
-            rounds = _read_rounds(run_dir)
+            rounds = read_jsonl(run_dir / ROUNDS_FILE)
         else:
-            rounds = _read_rounds(run_dir) + fit(ctx, start)
+            rounds = read_jsonl(run_dir / ROUNDS_FILE) + fit(ctx, start)
         summary = summarize(ctx, rounds, ctx.wall_time_s)
         if main_process:
             atomic_write_json(run_dir / "summary.json", summary)

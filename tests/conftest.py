@@ -1,7 +1,6 @@
 """Shared test helpers: compose a config the way ``regstory-run`` does, and run the CLI in a subprocess."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from regstory.config import register_configs
+from regstory.tracking import read_jsonl  # noqa: F401  (re-exported for the tests)
 from regstory.train import conf_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,9 +47,6 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
         raise AssertionError(f"regstory-run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 class Interrupted(Exception):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +33,7 @@ from regstory.pruning.entropy import entropy_summary, neuron_entropies
 from regstory.pruning.masks import MaskSet, prunable_parameters
 from regstory.pruning.phases import describe_phases
 from regstory.pruning.stop import StopCriterion
+from regstory.tracking import ROUNDS_FILE, read_jsonl
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
@@ -163,7 +163,7 @@ class PruningSweep(Plugin):
         return record
 
     def finalize(self, ctx: "RunContext") -> dict[str, Any]:
-        rounds = read_rounds(ctx.run_dir)
+        rounds = read_jsonl(ctx.run_dir / ROUNDS_FILE)
         out: dict[str, Any] = {"final_sparsity": self.masks.sparsity()}
         curve = [(r["sparsity"], r[self.phase_metric]) for r in rounds if r.get(self.phase_metric) is not None]
         if curve:
@@ -251,11 +251,6 @@ def reinitialise(model: torch.nn.Module, seed: int) -> None:
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
     load_in_place(model, fresh.state_dict())
-
-
-def read_rounds(run_dir) -> list[dict[str, Any]]:
-    path = run_dir / "rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def with_sweep_options(cls):

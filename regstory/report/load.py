@@ -12,6 +12,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from regstory.config import flat_config
+from regstory.tracking import METRICS_FILE, ROUNDS_FILE, read_jsonl
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -24,10 +25,6 @@ def find_runs(root: str | Path) -> list[Path]:
 
 def _config_of(run_dir: Path) -> dict:
     return flat_config(OmegaConf.load(run_dir / "config.yaml"))
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _frame(root, rows_of) -> pd.DataFrame:
@@ -53,9 +50,9 @@ def load_runs(root: str | Path) -> pd.DataFrame:
 
 def load_epochs(root: str | Path) -> pd.DataFrame:
     """One row per (run, round, epoch) from ``metrics.jsonl``."""
-    return _frame(root, lambda d: _jsonl(d / "metrics.jsonl"))
+    return _frame(root, lambda d: read_jsonl(d / METRICS_FILE))
 
 
 def load_rounds(root: str | Path) -> pd.DataFrame:
     """One row per (run, round) from ``rounds.jsonl``."""
-    return _frame(root, lambda d: _jsonl(d / "rounds.jsonl"))
+    return _frame(root, lambda d: read_jsonl(d / ROUNDS_FILE))

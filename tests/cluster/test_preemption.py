@@ -2,7 +2,6 @@
 resumed run ends exactly where an uninterrupted run ends. Also a hard kill (SIGKILL) between checkpoints."""
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest

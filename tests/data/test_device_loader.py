@@ -1,6 +1,6 @@
 import torch
 
-from regstory.data.base import Augment, TensorSplit
+from regstory.data.base import TensorSplit
 from regstory.data.device_loader import TensorLoader, random_crop, random_flip
 
 

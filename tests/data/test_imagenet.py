@@ -1,7 +1,6 @@
 """The DataLoader path on a tiny ImageNet-style folder the test writes (PNG files in class folders)."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from regstory.data import DATASETS, DatasetNotFoundError

@@ -1,5 +1,4 @@
 """Group metrics on crafted predictions, the bias probe, and the Voronoi distance / e* / weights (thesis sec. 3.6)."""
-import math
 
 import pytest
 import torch

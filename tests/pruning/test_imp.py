@@ -10,7 +10,7 @@ from regstory.checkpoint import load_checkpoint
 from regstory.config import ConfigError
 from regstory.pruning.magnitude import IMP
 from regstory.pruning.random import RandomPruning
-from regstory.pruning.snip import SNIP, connection_sensitivity
+from regstory.pruning.snip import connection_sensitivity
 from regstory.train import run
 from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
 
