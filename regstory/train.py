@@ -174,24 +174,14 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
     seed_everything(int(cfg.seed))
     with distributed.main_process_first(env):  # one download / data cache write, then the other ranks read it
         bundle = prepare_data(cfg, run_dir if main_process else None)
-    model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes).to(device)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    plugins = build_plugins(cfg)
+    model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
     logger = RunLogger(run_dir, cfg.logger, flat_config(cfg), ckpt["wandb_id"] if ckpt else None, sweep_group(),
                        enabled=main_process)
-    ctx = RunContext(cfg=cfg, model=model, data=bundle, device=device, plugins=plugins, run_dir=run_dir,
-                     loaders=make_loaders(bundle, cfg, device, shard=(env.rank, env.world)), logger=logger,
-                     is_main_process=main_process, preemption=guard)
-    distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
-    if cfg.trainer.compile:
-        ctx.forward_model = torch.compile(ctx.net)
-    if str(cfg.trainer.precision) == "fp16" and device.type == "cuda":
-        ctx.scaler = torch.amp.GradScaler("cuda")
+    ctx = build_context(cfg, bundle, model, device, run_dir, logger, env, guard)
     if main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         atomic_write_json(run_dir / "provenance.json", provenance(cfg, fingerprint(bundle)))
-    for p in plugins:
+    for p in ctx.plugins:
         p.setup(ctx)
 
     exit_code = 1
@@ -213,6 +203,25 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
         return summary
     finally:
         logger.finish(summary, exit_code)
+
+
+def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch.device, run_dir: Path,
+                  logger: RunLogger, env: distributed.DistEnv = distributed.DistEnv(),
+                  preemption: PreemptionGuard | None = None) -> RunContext:
+    """Everything ``fit`` needs around a model: device and memory layout, loaders, plugins, the DDP wrapper (no-op
+    on one process), ``torch.compile`` and the fp16 grad scaler. Plugins are not set up yet."""
+    model = model.to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ctx = RunContext(cfg=cfg, model=model, data=bundle, device=device, plugins=build_plugins(cfg), run_dir=run_dir,
+                     loaders=make_loaders(bundle, cfg, device, shard=(env.rank, env.world)), logger=logger,
+                     is_main_process=env.is_main, preemption=preemption)
+    distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
+    if cfg.trainer.compile:
+        ctx.forward_model = torch.compile(ctx.net)
+    if str(cfg.trainer.precision) == "fp16" and device.type == "cuda":
+        ctx.scaler = torch.amp.GradScaler("cuda")
+    return ctx
 
 
 def refuse_to_overwrite(run_dir: Path) -> None:

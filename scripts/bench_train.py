@@ -4,7 +4,7 @@
 (a) **baseline**: the loop as it is usually written -- a torchvision-style ``Dataset`` (``__getitem__`` returns one
     sample, per-sample transforms), ``DataLoader`` collation, ``.to(device)`` per batch, ``torch.optim.SGD`` with its
     default implementation, and ``loss.item()`` / accuracy ``.item()`` every step;
-(b) **regstory**: the RunContext built through regstory's own code (``prepare_data``/``make_loaders``,
+(b) **regstory**: the RunContext built through regstory's own code (``prepare_data``, ``regstory.train.build_context``,
     ``instantiate(cfg.arch)``, ``build_plugins``, ``RunContext.rebuild_optimizer``) and timed through
     :func:`regstory.loop.run_epoch`, i.e. exactly what ``regstory-run`` executes per epoch (no evaluation, which both
     loops would pay equally).
@@ -45,10 +45,10 @@ from hydra.utils import instantiate  # noqa: E402
 
 from regstory.config import register_configs  # noqa: E402
 from regstory.data.base import Augment, DataBundle, TensorSplit  # noqa: E402
-from regstory.data.prepare import make_loaders, prepare_data  # noqa: E402
+from regstory.data.prepare import prepare_data  # noqa: E402
 from regstory.loop import HookCaller, RunContext, run_epoch  # noqa: E402
 from regstory.tracking import RunLogger  # noqa: E402
-from regstory.train import build_plugins, conf_dir, configure_torch, resolve_device  # noqa: E402
+from regstory.train import build_context, conf_dir, configure_torch, resolve_device  # noqa: E402
 
 #: synthetic sets: (input shape, augment, mean/std); labels are random, the content does not matter for speed
 SYNTHETIC = {
@@ -91,15 +91,7 @@ def load_bundle(args: argparse.Namespace, cfg) -> DataBundle:
 def build_regstory_context(cfg, bundle: DataBundle, model: nn.Module, run_dir: Path) -> RunContext:
     """What :func:`regstory.train.run` builds before ``fit``: loaders, plugins, logger, compile/precision options."""
     device = resolve_device(str(cfg.trainer.device))
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    logger = RunLogger(run_dir, cfg.logger, {}, None, None)
-    ctx = RunContext(cfg=cfg, model=model, data=bundle, loaders=make_loaders(bundle, cfg, device), device=device,
-                     plugins=build_plugins(cfg), run_dir=run_dir, logger=logger)
-    if cfg.trainer.compile:
-        ctx.forward_model = torch.compile(model)
-    if str(cfg.trainer.precision) == "fp16" and device.type == "cuda":
-        ctx.scaler = torch.amp.GradScaler("cuda")
+    ctx = build_context(cfg, bundle, model, device, run_dir, RunLogger(run_dir, cfg.logger, {}, None, None))
     for p in ctx.plugins:
         p.setup(ctx)
     ctx.rebuild_optimizer()
