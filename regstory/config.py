@@ -84,6 +84,7 @@ class TrainerConfig:
     precision: Precision = Precision.fp32
     channels_last: bool = True  # NHWC for 4-D inputs and conv weights: faster convs on CPU (oneDNN) and GPU tensor cores
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     num_workers: int = 4  # DataLoader workers, for large sets read from disk (ImageNet, CelebA)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
@@ -165,6 +166,10 @@ def check_targets(cfg: DictConfig) -> None:
             )
 
 
+#: torch.compile's modes (``torch._inductor.list_mode_options``)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def check_values(cfg: DictConfig) -> None:
     """Range checks that types alone cannot express."""
     t = cfg.trainer
@@ -178,6 +183,7 @@ def check_values(cfg: DictConfig) -> None:
         (t.num_workers >= 0, "trainer.num_workers", t.num_workers, "an integer >= 0"),
         (t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an integer >= 1"),
         (t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1"),
+        (t.compile_mode in COMPILE_MODES, "trainer.compile_mode", t.compile_mode, f"one of {', '.join(COMPILE_MODES)}"),
         (0 <= cfg.dataset.get("val_fraction", 0.0) < 1, "dataset.val_fraction", cfg.dataset.get("val_fraction"), "in [0, 1)"),
     ]
     if "rate" in cfg.noise:

@@ -218,7 +218,7 @@ def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch
                      is_main_process=env.is_main, preemption=preemption)
     distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
     if cfg.trainer.compile:
-        ctx.forward_model = torch.compile(ctx.net)
+        ctx.forward_model = torch.compile(ctx.net, mode=str(cfg.trainer.compile_mode))
     if str(cfg.trainer.precision) == "fp16" and device.type == "cuda":
         ctx.scaler = torch.amp.GradScaler("cuda")
     return ctx

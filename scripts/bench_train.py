@@ -68,7 +68,7 @@ def compose_cfg(args: argparse.Namespace, extra: list[str] = ()):
         f"trainer.batch_size={args.batch_size}", f"trainer.lr={args.lr}", f"trainer.momentum={args.momentum}",
         "trainer.epochs=1000000", "trainer.eval_every=1000000", f"trainer.device={args.device}",
         f"trainer.precision={args.precision}", f"trainer.channels_last={str(args.channels_last).lower()}",
-        f"trainer.compile={str(args.compile).lower()}", f"trainer.num_threads={args.threads}",
+        f"trainer.compile={str(args.compile).lower()}", f"trainer.compile_mode={args.compile_mode}", f"trainer.num_threads={args.threads}",
         *args.override, *extra,
     ]
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
@@ -290,6 +290,8 @@ def pruning_variants(args: argparse.Namespace, bundle: DataBundle, init_model: n
                      tmp: Path) -> tuple[dict[str, Callable[[], None]], str]:
     """regstory's loop with a pruning method's masks active, and one activation-entropy measurement (eq. 2.16-2.17)
     when the method has ``measure_entropy(ctx)`` (regstory.pruning measures it once per round)."""
+    if args.no_masks:
+        return {}, "masks: not timed (--no-masks)"
     if not pruning_available():
         return {}, "n/a (regstory.pruning not present)"
     try:
@@ -321,6 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-channels-last", action="store_true", help="the baseline in channels-last too")
     p.add_argument("--no-floor", action="store_true", help="skip the fwd+bwd-only lower bound")
     p.add_argument("--compile", action="store_true", help="trainer.compile=true for regstory (no gain on CPU)")
+    p.add_argument("--compile-mode", default="default", help="trainer.compile_mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cores are shared)")
     p.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
     p.add_argument("--repeats", type=int, default=9, help="timed epochs per variant (median reported)")
@@ -332,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--round-epochs", type=int, default=60,
                    help="epochs per pruning round, to express the per-round entropy measurement (MNIST-1D: 60)")
     p.add_argument("--override", action="append", default=[], help="any further Hydra override for regstory")
+    p.add_argument("--no-masks", action="store_true", help="skip the pruning-mask and entropy variants")
     p.add_argument("--no-baseline", action="store_true", help="time regstory only")
     p.add_argument("--parallel-seeds", type=int, default=0,
                    help="also time k model copies trained at once with torch.func.vmap (0: skip)")
@@ -368,7 +372,8 @@ def report(args: argparse.Namespace, medians: dict[str, float], note: str, n: in
     """Print images/s per variant, the ratios, the pruning extras and the FLOP rate; return them as a dict."""
     print(f"# bench_train: arch={args.arch} dataset={args.dataset} n_train={n} batch={args.batch_size} "
           f"device={device} precision={args.precision} channels_last={args.channels_last} "
-          f"baseline_channels_last={args.baseline_channels_last} compile={args.compile} "
+          f"baseline_channels_last={args.baseline_channels_last} compile={args.compile}/{args.compile_mode} "
+          f"workers={args.workers} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
     for name, sec in medians.items():
         if name.startswith("entropy"):
