@@ -13,8 +13,10 @@ class DatasetNotFoundError(FileNotFoundError):
 
 def missing_dataset_message(name: str, root: str, reason: str, download_tried: bool = False) -> str:
     if download_tried:
+        hint = (" torchvision downloads it from Google Drive through the 'gdown' package: pip install gdown "
+                "(or pip install -e \".[celeba]\"), then run again." if "gdown" in reason else "")
         return (f"dataset '{name}' is not under '{root}' and downloading it failed ({reason}): check the network, "
-                f"or put the files there / point data.root=<folder> at a copy.")
+                f"or put the files there / point data.root=<folder> at a copy.{hint}")
     return (
         f"dataset '{name}' not found under '{root}' ({reason}). Put it there, point data.root=<folder> at a copy, "
         f"or allow a download with data.download=true (needs network)."

@@ -75,3 +75,15 @@ def test_failed_download_says_so_instead_of_asking_for_download(tmp_path, monkey
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
     with pytest.raises(DatasetNotFoundError, match="downloading it failed .*network unreachable.*data.root"):
         build_cifar10(str(tmp_path), download=True)
+
+
+def test_celeba_download_without_gdown_says_how_to_install_it(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    class NeedsGdown:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("To download files from GDrive, 'gdown' is required. You can install it with 'pip install gdown'.")
+
+    monkeypatch.setattr(torchvision.datasets, "CelebA", NeedsGdown)
+    with pytest.raises(DatasetNotFoundError, match=r"downloading it failed.*pip install gdown.*\.\[celeba\]"):
+        DATASETS.get("celeba")(root=str(tmp_path), download=True)
