@@ -140,3 +140,31 @@ def test_optimizer_falls_back_to_foreach_when_fused_is_refused(monkeypatch):
                                 "weight_decay": 0.0})
     opt = build_optimizer(torch.nn.Linear(2, 2), trainer)
     assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+
+
+def test_trainer_compile_mode_reaches_torch_compile_and_the_loop_calls_the_compiled_model(tmp_path, monkeypatch):
+    import regstory.train as train_module
+    from regstory.tracking import RunLogger
+
+    calls = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    def fake_compile(module, mode):
+        calls.append(mode)
+        return Compiled(module)
+
+    monkeypatch.setattr(train_module.torch, "compile", fake_compile)
+    cfg = make_cfg(*TINY_MLP, "trainer.compile=true", "trainer.compile_mode=reduce-overhead", "trainer.device=cpu")
+    bundle = prepare_data(cfg, None)
+    model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
+    ctx = train_module.build_context(cfg, bundle, model, torch.device("cpu"), tmp_path,
+                                     RunLogger(tmp_path, cfg.logger, {}, None, None))
+    assert calls == ["reduce-overhead"]
+    assert isinstance(ctx.net, Compiled) and ctx.net.inner is ctx.model  # training steps go through the compiled model
