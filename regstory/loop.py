@@ -66,15 +66,15 @@ class RunContext:
         return int(self.cfg.trainer.epochs)
 
     def autocast_dtype(self) -> torch.dtype | None:
-        """The CUDA autocast dtype of ``trainer.precision``; None for fp32 or off CUDA."""
+        """The autocast dtype of ``trainer.precision`` (bf16 on CUDA or CPU, fp16 on CUDA); None for fp32."""
         precision = str(self.cfg.trainer.precision)
-        if precision == "fp32" or self.device.type != "cuda":
+        if precision == "fp32" or self.device.type not in ("cuda", "cpu"):
             return None
         return torch.bfloat16 if precision == "bf16" else torch.float16
 
     def autocast(self):
         dtype = self.autocast_dtype()
-        return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def evaluate(self, split: str = "test", model: nn.Module | None = None) -> dict[str, float]:
         return evaluate(model or self.model, self.loaders[split], self.autocast)
@@ -189,7 +189,7 @@ def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[s
     """
     net, scaler = ctx.net, ctx.scaler
     net.train()
-    amp_dtype = ctx.autocast_dtype()
+    amp_dtype, amp_device = ctx.autocast_dtype(), ctx.device.type
     grad_clip = ctx.cfg.trainer.grad_clip
     clip_params = [p for p in ctx.model.parameters() if p.requires_grad] if grad_clip else []
     after_backward, after_step, needs_features = hooks.after_backward, hooks.after_step, hooks.needs_features
@@ -198,7 +198,7 @@ def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[s
     term_sums: dict[str, Tensor] = {}
     seen = 0
     for batch in batches:
-        with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else _NO_AUTOCAST:
+        with torch.autocast(amp_device, dtype=amp_dtype) if amp_dtype is not None else _NO_AUTOCAST:
             out = forward(net, batch, needs_features)
             loss, terms = compute_loss(ctx, hooks, batch, out)
         optimizer = ctx.optimizer  # read per step: a hook may rebuild it

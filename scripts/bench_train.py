@@ -48,7 +48,7 @@ from regstory.data.base import Augment, DataBundle, TensorSplit  # noqa: E402
 from regstory.data.prepare import prepare_data  # noqa: E402
 from regstory.loop import HookCaller, RunContext, run_epoch  # noqa: E402
 from regstory.tracking import RunLogger  # noqa: E402
-from regstory.train import build_context, conf_dir, configure_torch, resolve_device  # noqa: E402
+from regstory.train import build_context, check_precision, conf_dir, configure_torch, resolve_device  # noqa: E402
 
 #: synthetic sets: (input shape, augment, mean/std); labels are random, the content does not matter for speed
 SYNTHETIC = {
@@ -316,7 +316,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype (CUDA)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype of every loop (bf16 on CUDA or CPU, fp16 on CUDA only)")
+    p.add_argument("--baseline-precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="the baseline's autocast dtype when it should differ from --precision (e.g. fp32, as the "
+                        "usual loop is written)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="trainer.channels_last for regstory (and the floor); on by default, as in regstory's trainer "
                         "config; the baseline stays NCHW as usually written unless --baseline-channels-last")
@@ -342,17 +346,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def build_variants(args: argparse.Namespace, cfg, bundle: DataBundle, init_model: nn.Module, device: torch.device,
                    tmp: Path) -> tuple[dict[str, Callable[[], None]], str]:
     """The epoch functions to time, each on its own copy of the same initial weights."""
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    amp_dtype = amp_dtype if device.type == "cuda" else None
+    amp_dtype = AUTOCAST_DTYPES[args.precision]
     variants: dict[str, Callable[[], None]] = {}
     if not args.no_baseline:
         base_model = copy.deepcopy(init_model).to(device)
         if args.baseline_channels_last:
             base_model = base_model.to(memory_format=torch.channels_last)
-        variants["baseline"] = baseline_epoch(base_model, bundle, args, device, amp_dtype)
+        variants["baseline"] = baseline_epoch(base_model, bundle, args, device,
+                                              AUTOCAST_DTYPES[args.baseline_precision or args.precision])
     if not args.no_floor:
         floor_model = copy.deepcopy(init_model).to(device)
         if args.channels_last:
@@ -371,7 +378,8 @@ def report(args: argparse.Namespace, medians: dict[str, float], note: str, n: in
            device: torch.device) -> dict[str, float]:
     """Print images/s per variant, the ratios, the pruning extras and the FLOP rate; return them as a dict."""
     print(f"# bench_train: arch={args.arch} dataset={args.dataset} n_train={n} batch={args.batch_size} "
-          f"device={device} precision={args.precision} channels_last={args.channels_last} "
+          f"device={device} precision={args.precision} baseline_precision={args.baseline_precision or args.precision} "
+          f"channels_last={args.channels_last} "
           f"baseline_channels_last={args.baseline_channels_last} compile={args.compile}/{args.compile_mode} "
           f"workers={args.workers} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
@@ -421,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = compose_cfg(args)
     configure_torch(cfg)
     device = resolve_device(str(cfg.trainer.device))
+    for precision in {args.precision, args.baseline_precision or args.precision}:
+        check_precision(precision, device)
     torch.manual_seed(0)
     bundle = load_bundle(args, cfg)
     init_model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)

@@ -168,3 +168,31 @@ def test_trainer_compile_mode_reaches_torch_compile_and_the_loop_calls_the_compi
                                      RunLogger(tmp_path, cfg.logger, {}, None, None))
     assert calls == ["reduce-overhead"]
     assert isinstance(ctx.net, Compiled) and ctx.net.inner is ctx.model  # training steps go through the compiled model
+
+
+def test_bf16_autocasts_the_training_steps_on_cpu_and_keeps_the_loss_in_fp32(tmp_path, monkeypatch):
+    import regstory.loop as loop_module
+
+    seen = []
+    real_forward = loop_module.forward
+
+    def spy(net, batch, with_features):
+        out = real_forward(net, batch, with_features)
+        seen.append((out.logits.dtype, out.per_sample_loss.dtype))
+        return out
+
+    monkeypatch.setattr(loop_module, "forward", spy)
+    summary = run(make_cfg(*TINY_MLP, "trainer.epochs=1", "trainer.device=cpu", "trainer.precision=bf16"),
+                  run_dir=tmp_path)
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}
+    assert math.isfinite(summary["final_train_loss"])
+
+
+def test_fp16_is_refused_off_cuda_and_bf16_is_accepted_on_cpu():
+    from regstory.config import ConfigError
+    from regstory.train import check_precision
+
+    with pytest.raises(ConfigError, match="trainer.precision=fp16 needs a CUDA device"):
+        check_precision("fp16", torch.device("cpu"))
+    check_precision("bf16", torch.device("cpu"))
+    check_precision("fp32", torch.device("cpu"))

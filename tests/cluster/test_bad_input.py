@@ -37,6 +37,7 @@ CASES = [
     ("negative-epochs", ["trainer.epochs=-3"], 2, "trainer.epochs=-3 is invalid"),
     ("noise-rate-above-1", ["noise.rate=1.5"], 2, "noise.rate=1.5 is invalid: must be in [0, 1)"),
     ("unknown-compile-mode", ["trainer.compile_mode=fastest"], 2, "trainer.compile_mode=fastest is invalid: must be one of default"),
+    ("fp16-on-cpu", ["trainer.precision=fp16", "trainer.device=cpu"], 2, "trainer.precision=fp16 needs a CUDA device"),
     ("missing-data-on-resume", ["dataset=cifar10", "data.download=false", "data.root={empty}", "resume=true"], 2,
      "dataset 'cifar10' not found"),
     ("fresh-run-into-existing-run", [], 2, "already holds a run"),
