@@ -98,10 +98,22 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def optimizer_impl(params: list[Tensor]) -> dict[str, bool]:
-    """``fused=True`` where torch has fused kernels for all params' devices and dtypes, else ``foreach=True``."""
+def optimizer_impl(params: list[Tensor], optimizer: str = "sgd", grad_scaler: bool = False) -> dict[str, bool]:
+    """``fused=True`` where torch has fused kernels for all params' devices and dtypes, else ``foreach=True``.
+
+    SGD is never fused under an fp16 ``GradScaler``: when the first step overflows, the fused kernel skips it but
+    leaves the momentum buffers it allocated with ``empty_like`` uninitialised, and the next step reads that garbage
+    (seen with torch 2.14 on CPU; LibreYOLO PR #771 reports the same on CUDA). Fused Adam/AdamW skip such steps
+    cleanly."""
     fusable = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    if grad_scaler and optimizer == "sgd":
+        fusable = False
     return {"fused": True} if fusable and params else {"foreach": True}
+
+
+def uses_grad_scaler(trainer: DictConfig) -> bool:
+    """fp16 training scales the loss (``torch.amp.GradScaler``); bf16 and fp32 do not."""
+    return str(trainer.precision) == "fp16"
 
 
 SCHEDULES: dict[str, Callable[..., Any]] = {
@@ -116,7 +128,7 @@ def build_optimizer(model: nn.Module, trainer: DictConfig, lr: float | None = No
     params = [p for p in model.parameters() if p.requires_grad]
     make, lr = OPTIMIZERS[str(trainer.optimizer)], float(lr if lr is not None else trainer.lr)
     try:
-        return make(params, trainer, lr, optimizer_impl(params))
+        return make(params, trainer, lr, optimizer_impl(params, str(trainer.optimizer), uses_grad_scaler(trainer)))
     except (RuntimeError, ValueError):  # an older torch without fused kernels here; a config error raises again
         return make(params, trainer, lr, {"foreach": True})
 

@@ -19,7 +19,7 @@ from regstory.config import ConfigError, check_targets, check_values, flat_confi
 from regstory.data.base import DatasetNotFoundError
 from regstory.data.prepare import fingerprint, make_loaders, prepare_data
 from regstory import distributed
-from regstory.loop import NonFiniteLossError, RunContext, fit
+from regstory.loop import NonFiniteLossError, RunContext, fit, uses_grad_scaler
 from regstory.models.base import count_parameters
 from regstory.plugins import Plugin
 from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption
@@ -239,7 +239,7 @@ def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch
     distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
     if cfg.trainer.compile:
         ctx.forward_model = torch.compile(ctx.net, mode=str(cfg.trainer.compile_mode))
-    if str(cfg.trainer.precision) == "fp16" and device.type == "cuda":
+    if uses_grad_scaler(cfg.trainer) and device.type == "cuda":
         ctx.scaler = torch.amp.GradScaler("cuda")
     return ctx
 

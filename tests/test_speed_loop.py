@@ -135,9 +135,9 @@ def test_optimizer_falls_back_to_foreach_when_fused_is_refused(monkeypatch):
 
     from regstory.loop import build_optimizer
 
-    monkeypatch.setattr("regstory.loop.optimizer_impl", lambda params: {"fused": True, "foreach": True})
+    monkeypatch.setattr("regstory.loop.optimizer_impl", lambda *args: {"fused": True, "foreach": True})
     trainer = OmegaConf.create({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
-                                "weight_decay": 0.0})
+                                "weight_decay": 0.0, "precision": "fp32"})
     opt = build_optimizer(torch.nn.Linear(2, 2), trainer)
     assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
 
@@ -196,3 +196,58 @@ def test_fp16_is_refused_off_cuda_and_bf16_is_accepted_on_cpu():
         check_precision("fp16", torch.device("cpu"))
     check_precision("bf16", torch.device("cpu"))
     check_precision("fp32", torch.device("cpu"))
+
+
+class OverflowOnSteps(Plugin):
+    """Makes the loss infinite at the given global steps, as an fp16 overflow would."""
+
+    def __init__(self, steps: set[int]):
+        self.steps = steps
+
+    def extra_loss(self, ctx, batch, out):
+        return {"overflow": out.logits.sum() * float("inf")} if ctx.global_step in self.steps else {}
+
+
+def test_grad_scaler_branch_skips_an_overflowing_step_and_then_matches_plain_sgd(tmp_path):
+    """The fp16 branch of the loop (GradScaler, no .item()), run on CPU: an inf first step leaves the weights untouched
+    and halves the scale; the next step equals torch's for-loop SGD on the unscaled gradient. With torch's fused SGD
+    the second step read uninitialised momentum buffers (see ``optimizer_impl``)."""
+    import copy
+
+    from regstory.loop import train_one_epoch
+    from regstory.tracking import RunLogger
+    from regstory.train import build_context
+
+    from regstory.loop import build_optimizer
+
+    cfg = make_cfg(*TINY_MLP, "trainer.device=cpu", "trainer.momentum=0.9")
+    fp16_trainer = make_cfg(*TINY_MLP, "trainer.momentum=0.9", "trainer.precision=fp16").trainer
+    bundle = prepare_data(cfg, None)
+    model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
+    ctx = build_context(cfg, bundle, model, torch.device("cpu"), tmp_path, RunLogger(tmp_path, cfg.logger, {}, None, None))
+    ctx.optimizer = build_optimizer(ctx.model, fp16_trainer)  # what an fp16 run builds (its scaler needs CUDA)
+    ctx.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    batch = {"x": bundle.train.x[:64], "y": bundle.train.y[:64]}
+    reference = copy.deepcopy(ctx.model)
+    before = [p.detach().clone() for p in ctx.model.parameters()]
+
+    train_one_epoch(ctx, HookCaller([OverflowOnSteps({0})]), [batch])
+    assert all(torch.equal(a, p) for a, p in zip(before, ctx.model.parameters()))
+    assert ctx.scaler.get_scale() == 512.0
+
+    train_one_epoch(ctx, HookCaller([]), [batch])
+    opt = torch.optim.SGD(reference.parameters(), lr=float(cfg.trainer.lr), momentum=0.9, foreach=False)
+    F.cross_entropy(reference(batch["x"]), batch["y"]).backward()
+    opt.step()
+    for got, want in zip(ctx.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer,fused", [("sgd", False), ("adam", True), ("adamw", True)])
+def test_fp16_keeps_fused_kernels_except_for_sgd(optimizer, fused):
+    from regstory.loop import build_optimizer
+
+    trainer = make_cfg(*TINY_MLP, f"trainer.optimizer={optimizer}", "trainer.precision=fp16").trainer
+    opt = build_optimizer(torch.nn.Linear(3, 2), trainer)
+    assert bool(opt.defaults.get("fused")) is fused
+    assert bool(opt.defaults.get("foreach")) is not fused
