@@ -62,8 +62,9 @@ class BiasHead:
         self.optimizer = torch.optim.SGD(self.linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     def step(self, z: Tensor, bias: Tensor, steps: int = 1) -> Tensor:
-        """``steps`` updates of H on CE(b, H(stopgrad z)) on the same batch; returns the last loss."""
-        z = z.detach()
+        """``steps`` updates of H on CE(b, H(stopgrad z)) on the same batch; returns the last loss. H stays fp32: z
+        from a bf16/fp16 autocast forward is cast up (the step runs after backward, outside autocast)."""
+        z = z.detach().float()
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.linear(z), bias)
@@ -114,7 +115,7 @@ class IRENE(DebiasPlugin):
         """Accuracy of IRENE's own head H at predicting the bias on the test split (what H can still read)."""
         test = outputs["test"]
         with torch.no_grad():
-            pred = self.head.linear(test["features"].to(ctx.device)).argmax(1).cpu()
+            pred = self.head.linear(test["features"].to(ctx.device, torch.float32)).argmax(1).cpu()
         return {"irene_head_bias_acc": (pred == test["bias"]).float().mean().item()}
 
     def summary_keys(self) -> list[str]:

@@ -71,3 +71,16 @@ def test_plugin_after_backward_applies_head_steps_updates():
     plugin._pending = (z, bias)
     plugin.after_backward(ctx=None)
     assert torch.allclose(plugin.head.linear.weight, want_w, atol=1e-6) and plugin._pending is None
+
+
+def test_head_step_casts_a_bf16_bottleneck_up_and_keeps_h_in_fp32():
+    """Under bf16 autocast the encoder's z is bf16; H (fp32, stepped after backward, outside autocast) trains on
+    z.float(), the same update as on the fp32 values."""
+    torch.manual_seed(0)
+    head = BiasHead(4, 3, lr=0.5, momentum=0.0, weight_decay=0.0, device="cpu")
+    z, bias = torch.randn(6, 4).bfloat16(), torch.tensor([0, 1, 2, 0, 1, 2])
+    want_w, want_c = _manual_sgd_head(head, z.float(), bias, steps=2, lr=0.5)
+    head.step(z, bias, steps=2)
+    assert head.linear.weight.dtype == torch.float32
+    assert torch.allclose(head.linear.weight, want_w, atol=1e-6)
+    assert torch.allclose(head.linear.bias, want_c, atol=1e-6)
