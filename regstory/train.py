@@ -239,8 +239,8 @@ def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch
     distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
     if cfg.trainer.compile:
         ctx.forward_model = torch.compile(ctx.net, mode=str(cfg.trainer.compile_mode))
-    if uses_grad_scaler(cfg.trainer) and device.type == "cuda":
-        ctx.scaler = torch.amp.GradScaler("cuda")
+    if uses_grad_scaler(cfg.trainer):
+        ctx.scaler = torch.amp.GradScaler(device.type)
     return ctx
 
 

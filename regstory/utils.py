@@ -1,6 +1,7 @@
-"""Small shared helpers: atomic file writes, seeding."""
+"""Small shared helpers: atomic file writes, seeding, fp32 islands under autocast."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -62,3 +63,18 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def in_fp32(fn):
+    """Run ``fn`` in fp32 under a bf16/fp16 autocast: autocast off for the tensors' device, floating tensor arguments
+    cast up (differentiably). For loss terms whose constants or ranges fp16 cannot hold: a 1e-15 clamp is 0 in fp16."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+        device_type = tensors[0].device.type if tensors else "cpu"
+        up = lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+        with torch.autocast(device_type, enabled=False):
+            return fn(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper

@@ -54,3 +54,22 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path):
 
     with pytest.raises(CheckpointError, match="hydra.run.dir=<run dir> resume=true"):
         run(make_cfg("dataset=digits", "resume=true"), run_dir=tmp_path)
+
+
+def test_fp16_run_checkpoints_its_grad_scaler_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """The fp16 path (autocast, GradScaler, foreach SGD) needs CUDA in real runs; here it runs on CPU, where
+    ``check_precision`` would refuse it for speed alone."""
+    from regstory.checkpoint import LAST, load_checkpoint
+
+    monkeypatch.setattr("regstory.train.check_precision", lambda precision, device: None)
+    fp16 = [*OVERRIDES, "trainer.precision=fp16"]
+    full = run(make_cfg(*fp16), run_dir=tmp_path / "full")
+    crashing = make_cfg(*fp16)
+    crashing.method = OmegaConf.create({"_target_": "tests.test_resume.CrashAtEpoch", "epoch": 3})
+    with pytest.raises(Killed):
+        run(crashing, run_dir=tmp_path / "killed")
+    scaler = load_checkpoint(tmp_path / "killed" / "checkpoints" / LAST)["scaler"]
+    assert scaler is not None and scaler["scale"] > 0
+    resumed = run(make_cfg(*fp16, "resume=true"), run_dir=tmp_path / "killed")
+    assert strip_times(read_jsonl(tmp_path / "killed/metrics.jsonl")) == strip_times(read_jsonl(tmp_path / "full/metrics.jsonl"))
+    assert resumed["final_train_loss"] == full["final_train_loss"]

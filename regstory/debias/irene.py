@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin
+from regstory.utils import in_fp32
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 EPS = 1e-15
 
 
+@in_fp32
 def mutual_information_proxy(bias: Tensor, probs: Tensor, num_bias: int) -> Tensor:
     """IRENE's MI proxy (authors' ``MI`` class), normalised to about [0, 1]:
 
@@ -49,6 +51,7 @@ def mutual_information_proxy(bias: Tensor, probs: Tensor, num_bias: int) -> Tens
     return (joint * torch.log(joint / (p * q).clamp(min=EPS))).sum() / math.log(num_bias)
 
 
+@in_fp32
 def probs_without_head_gradient(head: nn.Linear, z: Tensor) -> Tensor:
     """softmax(H(z)) with gradients flowing to z only: H's weights are used as constants (post-fix IRENE)."""
     return F.softmax(F.linear(z, head.weight.detach(), head.bias.detach()), dim=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regstory.debias.irene import IRENE, BiasHead
+from regstory.debias.irene import IRENE, BiasHead, mutual_information_proxy
 from tests.conftest import run_cli
 
 
@@ -84,3 +84,18 @@ def test_head_step_casts_a_bf16_bottleneck_up_and_keeps_h_in_fp32():
     assert head.linear.weight.dtype == torch.float32
     assert torch.allclose(head.linear.weight, want_w, atol=1e-6)
     assert torch.allclose(head.linear.bias, want_c, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mi_proxy_is_computed_in_fp32_under_autocast(dtype):
+    """Under fp16 autocast the joint's matmul ran in fp16, where the 1e-15 clamp is 0: a bias class that H never
+    predicts gave 0 * log 0 = NaN (Voronoi's round 1 diverged). The proxy now runs in fp32 whatever the autocast."""
+    bias = torch.tensor([0, 0, 1, 1])
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], requires_grad=True)  # H always says 0
+    want = mutual_information_proxy(bias, probs, 2)
+    with torch.autocast("cpu", dtype=dtype):
+        got = mutual_information_proxy(bias, probs, 2)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert torch.allclose(got, want)
+    got.backward()
+    assert torch.isfinite(probs.grad).all()
