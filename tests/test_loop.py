@@ -1,3 +1,4 @@
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -79,6 +80,7 @@ def test_nonfinite_loss_stops_with_clear_message(tmp_path):
         run(cfg, run_dir=tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the schedule alone, no training steps
 def test_schedules_follow_the_config():
     cfg = make_cfg("trainer.schedule=multistep", "trainer.milestones=[2,4]", "trainer.lr=1.0", "trainer.epochs=6")
     model = torch.nn.Linear(2, 2)
