@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from regstory.checkpoint import LAST, save_checkpoint
 from regstory.data.base import DataBundle
 from regstory.plugins import Plugin, StepOutput
+from regstory.optim import LeanSGD
 from regstory.tracking import RunLogger
 from regstory.utils import rng_states
 
@@ -86,8 +87,8 @@ class RunContext:
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda params, t, lr, impl: torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.nesterov,
-                                                        weight_decay=t.weight_decay, **impl),
+    "sgd": lambda params, t, lr, impl: (LeanSGD if impl.get("fused") else torch.optim.SGD)(
+        params, lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay, **impl),
     "adam": lambda params, t, lr, impl: torch.optim.Adam(params, lr=lr, betas=tuple(t.betas),
                                                           weight_decay=t.weight_decay, **impl),
     "adamw": lambda params, t, lr, impl: torch.optim.AdamW(params, lr=lr, betas=tuple(t.betas),
