@@ -92,10 +92,17 @@ class LfF(DebiasPlugin):
         return (weight * out.per_sample_loss).mean()
 
     def after_backward(self, ctx) -> None:
-        """Update f_B on its GCE loss (its graph is separate from f_D's)."""
+        """Update f_B on its GCE loss (its graph is separate from f_D's). Under fp16 the loss goes through the run's
+        GradScaler like f_D's: scaled against underflow, and the step skipped when f_B's gradients overflow (the
+        loop's ``scaler.update()`` after f_D's step then covers both optimizers)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self._biased_loss.backward()
-        self.optimizer.step()
+        scaler = ctx.scaler
+        if scaler is None:
+            self._biased_loss.backward()
+            self.optimizer.step()
+        else:
+            scaler.scale(self._biased_loss).backward()
+            scaler.step(self.optimizer)
         self._biased_loss = None
 
     def end_epoch(self, ctx) -> dict[str, Any]:

@@ -91,3 +91,33 @@ def test_groupdro_step_updates_present_groups_only():
     assert torch.allclose(q_new, expected_q, atol=1e-6)
     assert robust.item() == pytest.approx(expected_q[0].item() * 2 + expected_q[2].item() * 2, abs=1e-6)
     assert torch.equal(q, torch.tensor([0.5, 0.25, 0.25]))  # input not modified
+
+
+def test_lff_steps_its_biased_network_through_the_runs_grad_scaler():
+    """fp16: f_B's GCE loss is scaled by the run's GradScaler and its step is skipped when f_B's gradients
+    overflow; without a scaler an overflowing step would write inf/NaN into f_B."""
+    from types import SimpleNamespace
+
+    from regstory.debias.lff import LfF
+
+    torch.manual_seed(0)
+    plugin = LfF()
+    plugin.biased = torch.nn.Linear(3, 2)
+    plugin.optimizer = torch.optim.SGD(plugin.biased.parameters(), lr=0.1)
+    ctx = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+
+    before = plugin.biased.weight.detach().clone()
+    plugin._biased_loss = plugin.biased(x).sum() * float("inf")
+    plugin.after_backward(ctx)
+    ctx.scaler.update()
+    assert torch.equal(plugin.biased.weight, before) and ctx.scaler.get_scale() == 4.0
+
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(plugin.biased.state_dict())
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    plugin._biased_loss = torch.nn.functional.cross_entropy(plugin.biased(x), y)
+    plugin.after_backward(ctx)
+    with torch.no_grad():
+        want = reference.weight - 0.1 * reference.weight.grad  # the unscaled gradient
+    assert torch.allclose(plugin.biased.weight, want, atol=1e-6)
