@@ -190,9 +190,6 @@ def forward(net: nn.Module, batch: dict[str, Tensor], with_features: bool) -> St
     return StepOutput(logits=logits, per_sample_loss=per_sample, features=feats)
 
 
-_NO_AUTOCAST = contextlib.nullcontext()
-
-
 def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
     """One pass over the training batches.
 
@@ -202,7 +199,7 @@ def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[s
     """
     net, scaler = ctx.net, ctx.scaler
     net.train()
-    amp_dtype, amp_device = ctx.autocast_dtype(), ctx.device.type
+    autocast = ctx.autocast()  # one context object, entered once per step
     grad_clip = ctx.cfg.trainer.grad_clip
     clip_params = [p for p in ctx.model.parameters() if p.requires_grad] if grad_clip else []
     after_backward, after_step, needs_features = hooks.after_backward, hooks.after_step, hooks.needs_features
@@ -211,7 +208,7 @@ def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[s
     term_sums: dict[str, Tensor] = {}
     seen = 0
     for batch in batches:
-        with torch.autocast(amp_device, dtype=amp_dtype) if amp_dtype is not None else _NO_AUTOCAST:
+        with autocast:
             out = forward(net, batch, needs_features)
             loss, terms = compute_loss(ctx, hooks, batch, out)
         optimizer = ctx.optimizer  # read per step: a hook may rebuild it

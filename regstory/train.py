@@ -246,7 +246,7 @@ def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch
 
 def refuse_to_overwrite(run_dir: Path) -> None:
     """A fresh run never writes into a run dir that already holds a run's checkpoint or metrics."""
-    taken = [name for name in (f"checkpoints/{LAST}", "metrics.jsonl") if (run_dir / name).exists()]
+    taken = [name for name in (f"checkpoints/{LAST}", METRICS_FILE) if (run_dir / name).exists()]
     if taken:
         raise ConfigError(f"run dir '{run_dir}' already holds a run ({', '.join(taken)}); continue it with "
                           f"resume=true, or start a new run in another hydra.run.dir")

@@ -11,8 +11,8 @@
 
 Both start from the same weights, use the same batch size, optimizer settings and data. Measurements are interleaved
 (one epoch of each variant in turn, the order rotated every repeat) and the median is reported, because the machine's
-cores are shared. When ``regstory.pruning`` exists, the run also times regstory's loop with a pruning method active
-(masks in place) and with entropy logging switched on, and reports each as an extra fraction of the plain epoch.
+cores are shared. The run also times regstory's loop with a pruning method active (masks in place) and one entropy
+measurement, and reports each as an extra fraction of the plain epoch (``--no-masks`` skips both).
 
     python scripts/bench_train.py --arch mlp --dataset mnist1d
     python scripts/bench_train.py --arch lenet5 --dataset synthetic28
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from regstory.config import register_configs  # noqa: E402
 from regstory.data.base import Augment, DataBundle, TensorSplit  # noqa: E402
 from regstory.data.prepare import prepare_data  # noqa: E402
 from regstory.loop import HookCaller, RunContext, run_epoch  # noqa: E402
+from regstory.pruning.base import reinitialise  # noqa: E402
 from regstory.tracking import RunLogger  # noqa: E402
 from regstory.train import build_context, check_precision, conf_dir, configure_torch, resolve_device  # noqa: E402
 
@@ -198,11 +198,8 @@ def vmapped_seeds_epoch(init_model: nn.Module, bundle: DataBundle, args: argpars
 
     models = []
     for seed in range(args.parallel_seeds):
-        torch.manual_seed(seed)
         model = copy.deepcopy(init_model)
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        reinitialise(model, seed)
         models.append(model.to(device))
     params, buffers = stack_module_state(models)
     skeleton = copy.deepcopy(models[0]).to("meta")
@@ -266,12 +263,6 @@ def train_step_flops(model: nn.Module, bundle: DataBundle, batch_size: int, devi
 
 
 # ---------------------------------------------------------------------------------------- pruning extras
-def pruning_available() -> bool:
-    """True when ``regstory.pruning`` is a real package (not absent, not an empty namespace folder)."""
-    spec = importlib.util.find_spec("regstory.pruning")
-    return spec is not None and spec.origin is not None
-
-
 def pruned_context(args: argparse.Namespace, bundle: DataBundle, init_model: nn.Module, run_dir: Path) -> RunContext:
     """regstory with ``method=--mask-method``, after one trained epoch and one ``end_round``: masks are live."""
     cfg = compose_cfg(args, [f"method={args.mask_method}", *args.mask_override])
@@ -292,8 +283,6 @@ def pruning_variants(args: argparse.Namespace, bundle: DataBundle, init_model: n
     when the method has ``measure_entropy(ctx)`` (regstory.pruning measures it once per round)."""
     if args.no_masks:
         return {}, "masks: not timed (--no-masks)"
-    if not pruning_available():
-        return {}, "n/a (regstory.pruning not present)"
     try:
         ctx = pruned_context(args, bundle, init_model, tmp / "masks")
     except Exception as err:  # an API this bench cannot drive: say so, time the rest
