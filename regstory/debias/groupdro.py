@@ -45,8 +45,7 @@ def group_dro_step(per_sample_loss: Tensor, group: Tensor, q: Tensor, eta: float
     if adjustment is not None:
         group_loss = group_loss + adjustment
     with torch.no_grad():
-        q_new = q.clone()
-        q_new[present] = q[present] * torch.exp(eta * group_loss.detach()[present])
+        q_new = torch.where(present, q * torch.exp(eta * group_loss.detach()), q)
         q_new = q_new / q_new.sum()
     return (q_new * torch.where(present, group_loss, torch.zeros_like(group_loss))).sum(), q_new
 

@@ -73,7 +73,7 @@ class LfF(DebiasPlugin):
 
         super().setup(ctx)
         self.biased = instantiate(ctx.cfg.arch, input_shape=list(ctx.data.input_shape),
-                                  num_classes=ctx.data.num_classes).to(ctx.device)
+                                  num_classes=ctx.data.num_classes).to(ctx.device).train()  # ctx.evaluate restores it
         self.optimizer = build_optimizer(self.biased, ctx.cfg.trainer)
         self.scheduler = build_scheduler(self.optimizer, ctx.cfg.trainer)
         labels = ctx.loaders["train"].split.y
@@ -81,7 +81,6 @@ class LfF(DebiasPlugin):
         self.ema_d = LossEMA(labels, ctx.data.num_classes, self.ema_alpha)
 
     def task_loss(self, ctx, batch, out) -> Tensor:
-        self.biased.train()
         logits_b = self.biased(batch["x"])
         ce_b = F.cross_entropy(logits_b.float(), batch["y"], reduction="none")
         self.ema_b.update(batch["index"], ce_b)
