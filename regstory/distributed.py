@@ -42,6 +42,11 @@ class DistEnv:
     def active(self) -> bool:
         return self.world > 1
 
+    @property
+    def is_worker(self) -> bool:
+        """A non-zero rank of a data-parallel run."""
+        return self.active and not self.is_main
+
 
 def env_from_torchrun() -> DistEnv:
     """The rank layout torchrun (or SLURM via ``srun torchrun``) put into the environment; one process if unset."""
@@ -52,8 +57,7 @@ def env_from_torchrun() -> DistEnv:
 
 def is_worker_rank() -> bool:
     """A non-zero rank of a torchrun launch (it must not create Hydra output folders of its own)."""
-    env = env_from_torchrun()
-    return env.active and not env.is_main
+    return env_from_torchrun().is_worker
 
 
 def init(device: torch.device, env: DistEnv) -> torch.device:
@@ -142,12 +146,11 @@ class CollectivePreemption:
 
 
 def attach(ctx: Any, env: DistEnv) -> None:
-    """Make a RunContext data-parallel: DDP forward model, per-rank batch, metric averaging, collective stop."""
+    """Make a RunContext data-parallel: DDP forward model, metric averaging, collective stop (the per-rank batch is
+    set by ``regstory.data.prepare.make_loaders``)."""
     if not env.active:
         return
-    ctx.forward_model = wrap_model(ctx.model if ctx.forward_model is None else ctx.forward_model, ctx.device)
-    train = ctx.loaders["train"]
-    train.batch_size = per_rank_batch_size(int(ctx.cfg.trainer.batch_size), env)
+    ctx.forward_model = wrap_model(ctx.net, ctx.device)
     ctx.reduce_metrics = lambda m: average_over_ranks(m, ctx.device)
     if ctx.preemption is not None:
         ctx.preemption = CollectivePreemption(ctx.preemption, ctx.device)

@@ -2,7 +2,7 @@
 
 SLURM (and submitit, torchrun, ``kill``) warn a job before killing it: SIGTERM, SIGUSR1, or SIGUSR2 (submitit's
 default preemption/timeout signal, ``SUBMITIT_PREEMPT_SIGNAL``). :class:`PreemptionGuard` turns each of them into a
-flag. The loop reads the flag once per epoch (``RunContext.stop_requested``), writes ``checkpoints/last.pt`` at that
+flag. The loop reads the flag once per epoch (``ctx.preemption.requested``), writes ``checkpoints/last.pt`` at that
 epoch boundary (even when ``trainer.checkpoint_every`` would skip it) and raises :class:`Preempted`.
 
 Why the epoch boundary and not the step: an epoch's metrics are accumulated inside the epoch, and a mid-epoch

@@ -163,7 +163,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     check_values(cfg)
     check_targets(cfg)
     env = distributed.env_from_torchrun()
-    if run_dir is None and not (env.active and not env.is_main):
+    if run_dir is None and not env.is_worker:
         run_dir = _hydra_run_dir()
     configure_torch(cfg)
     device = distributed.init(resolve_device(str(cfg.trainer.device)), env)

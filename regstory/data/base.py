@@ -84,9 +84,6 @@ class DatasetSplit:
         return DatasetSplit(self.dataset, self.y[index], {k: v[index] for k, v in self.extras.items()},
                             self._sample_shape, self.rows[index])
 
-    def to(self, device) -> "DatasetSplit":
-        return self  # batches are moved to the device by the loader
-
     def with_labels(self, y: Tensor, extras: dict[str, Tensor]) -> "DatasetSplit":
         return DatasetSplit(self.dataset, y, extras, self._sample_shape, self.rows)
 

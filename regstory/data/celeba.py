@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 from regstory.data.base import Augment, DataBundle, TensorSplit
+from regstory.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from regstory.data.registry import register_dataset
 from regstory.data.torchvision_sets import open_torchvision
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_split_images(ds, image_size: int, cache: Path) -> Tensor:

@@ -25,7 +25,6 @@ class DatasetLoader:
     def __init__(self, split: DatasetSplit, batch_size: int, device: torch.device, shuffle: bool = False,
                  drop_last: bool = False, num_workers: int = 0, seed: int = 0, shard: tuple[int, int] = (0, 1)):
         rank, world = shard
-        self.seed = seed
         if world > 1:
             self.sampler = DistributedSampler(split, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
         elif shuffle:

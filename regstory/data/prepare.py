@@ -13,6 +13,7 @@ from regstory.config import DATASET_RUNNER_KEYS
 from regstory.data.base import DataBundle, DatasetSplit, stratified_split
 from regstory.data.dataset_loader import DatasetLoader
 from regstory.data.device_loader import TensorLoader
+from regstory.distributed import DistEnv, per_rank_batch_size
 
 log = logging.getLogger("regstory")
 
@@ -70,7 +71,8 @@ def prepare_data(cfg: DictConfig, run_dir: Path | None) -> DataBundle:
 
 def make_loaders(bundle: DataBundle, cfg: DictConfig, device: torch.device, shard: tuple[int, int] = (0, 1)) -> dict:
     """Loaders on ``device``: shuffled (+ augmented) for train, plain for val/test. Tensor splits get the
-    device-resident :class:`TensorLoader`; dataset splits (large sets) a DataLoader with workers."""
+    device-resident :class:`TensorLoader`; dataset splits (large sets) a DataLoader with workers. ``shard`` is
+    (rank, world) of a data-parallel run: each rank's train loader takes its share of the global batch."""
     t = cfg.trainer
 
     def loader(split, batch_size: int, train: bool):
@@ -81,7 +83,8 @@ def make_loaders(bundle: DataBundle, cfg: DictConfig, device: torch.device, shar
                             mean=bundle.mean, std=bundle.std, seed=int(cfg.seed), shard=shard if train else (0, 1),
                             channels_last=bool(t.channels_last))
 
-    loaders = {"train": loader(bundle.train, int(t.batch_size), True),
+    train_batch = per_rank_batch_size(int(t.batch_size), DistEnv(rank=shard[0], world=shard[1]))
+    loaders = {"train": loader(bundle.train, train_batch, True),
                "test": loader(bundle.test, int(t.eval_batch_size), False)}
     if bundle.val is not None:
         loaders["val"] = loader(bundle.val, int(t.eval_batch_size), False)
