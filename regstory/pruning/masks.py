@@ -113,9 +113,6 @@ class MaskSet:
         alive, total = self.counts()
         return 1.0 - alive / total if total else 0.0
 
-    def layer_sparsity(self) -> dict[str, float]:
-        return {n: 1.0 - m.mean().item() for n, m in zip(self.names, self.masks)}
-
 
 def keep_masks_from_scores(scores: list[Tensor], masks: list[Tensor], n_prune: int | list[int],
                            scope: str = "global") -> list[Tensor]:

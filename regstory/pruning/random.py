@@ -49,9 +49,6 @@ class OneShotAtInit(PruningSweep):
 
 @with_sweep_options
 class RandomPruning(OneShotAtInit):
-    def __init__(self, rate: float = 0.2, scope: str = "global", **common):
-        super().__init__(rate, scope, **common)
-
     def init_scores(self, ctx: "RunContext") -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + 12345)
         return [torch.rand(p.shape, generator=gen).to(p.device) for p in self.masks.params]
