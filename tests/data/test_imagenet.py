@@ -41,3 +41,19 @@ def test_training_through_the_dataloader_path_with_label_noise(tmp_path):
     assert len(records) == 2 and records[-1]["val_acc"] is not None
     flipped = (tmp_path / "run/label_noise.csv").read_text().strip().splitlines()
     assert len(flipped) == 1 + 2  # header + floor(0.25 * 9 train images)
+
+
+def test_data_parallel_train_loader_takes_its_share_of_the_global_batch(tmp_path):
+    """make_loaders(shard=(rank, world)): each rank's DataLoader batch is trainer.batch_size / world (it was the
+    whole global batch for dataset-backed sets, which only the tensor loader had adjusted)."""
+    import torch
+
+    from regstory.data.prepare import make_loaders, prepare_data
+
+    write_image_folder(tmp_path)
+    cfg = make_cfg("dataset=imagenet", f"data.root={tmp_path}", "dataset.image_size=16", "dataset.resize=18",
+                   "trainer.batch_size=4", "trainer.num_workers=0")
+    loaders = make_loaders(prepare_data(cfg, None), cfg, torch.device("cpu"), shard=(0, 2))
+    assert loaders["train"].loader.batch_size == 2
+    assert len(next(iter(loaders["train"]))["y"]) == 2
+    assert loaders["test"].loader.batch_size == int(cfg.trainer.eval_batch_size)
