@@ -92,8 +92,11 @@ class TensorLoader:
         self.round, self.epoch = 0, 0
 
     def _stored_inputs(self, x: Tensor) -> Tensor:
-        """The inputs as batches are cut from them: normalised once, in the requested memory format."""
-        x = normalize(x, self.mean, self.std)
+        """The inputs as batches are cut from them, in the requested memory format: float inputs normalised once
+        here; integer inputs (CelebA's uint8 images) kept as they are and normalised per batch in ``make_batch``,
+        since a float copy of them would take 4x the memory (same values either way)."""
+        if x.is_floating_point():
+            x = normalize(x, self.mean, self.std)
         return x.contiguous(memory_format=self.memory_format) if self.memory_format is not None else x
 
     def set_epoch(self, round_: int, epoch: int) -> None:
@@ -125,6 +128,8 @@ class TensorLoader:
 
     def make_batch(self, index: Tensor, gen: torch.Generator | None = None) -> dict[str, Tensor]:
         x = self.x[index]
+        if not x.is_floating_point():
+            x = normalize(x, self.mean, self.std)
         if self.augment is not None and gen is not None:
             if self.augment.crop_padding:
                 x = random_crop(x, self.augment.crop_padding, gen, self.pad_fill)

@@ -50,3 +50,18 @@ def test_normalisation_and_shards():
     shards = [torch.cat([b["index"] for b in TensorLoader(split, 4, shard=(r, 3))]) for r in range(3)]
     assert all(len(s) == 4 for s in shards)  # ceil(10 / 3) each, padded by wrapping
     assert set(torch.cat(shards).tolist()) == set(range(10))
+
+
+def test_uint8_inputs_stay_uint8_on_the_device_and_batches_match_the_float_path():
+    """CelebA stores uint8 images: the loader keeps them uint8 (a float copy is 4x the memory) and normalises each
+    batch, giving the same augmented, channels-last batches as the same images given as floats."""
+    from regstory.data.base import Augment
+
+    images = torch.randint(0, 256, (12, 3, 6, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    options = dict(batch_size=5, shuffle=True, seed=3, augment=Augment(crop_padding=2, flip=True),
+                   mean=(120.0, 110.0, 100.0), std=(60.0, 50.0, 40.0), channels_last=True)
+    as_uint8 = TensorLoader(TensorSplit(images, torch.arange(12)), **options)
+    as_float = TensorLoader(TensorSplit(images.float(), torch.arange(12)), **options)
+    assert as_uint8.x.dtype == torch.uint8
+    for a, b in zip(as_uint8, as_float):
+        assert a["x"].dtype == torch.float32 and torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
