@@ -75,3 +75,17 @@ def test_a_method_without_entropy_is_reported_as_such(bench, capsys):
                          "--repeats", "1", "--warmup", "0", "--no-baseline", "--no-floor", "--mask-method", "none"])
     assert "masks_cost" in result and "entropy_steps" not in result
     assert "entropy: n/a (method=none has no measure_entropy)" in capsys.readouterr().out
+
+
+def test_bench_can_time_regstory_in_bf16_against_the_usual_fp32_loop(bench, capsys):
+    bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--num-train", "128", "--batch-size", "64",
+                "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-floor", "--no-masks",
+                "--precision", "bf16", "--baseline-precision", "fp32"])
+    assert "precision=bf16 baseline_precision=fp32" in capsys.readouterr().out
+
+
+def test_bench_refuses_fp16_on_cpu(bench):
+    from regstory.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--device", "cpu", "--precision", "fp16"])
