@@ -5,21 +5,28 @@
 # fp16 ResNet-18 bench line. Prints one line per run: ok/FAIL, its final metrics or its last error line.
 #   bash scripts/check_gpu_precision.sh [OUT_DIR]     (default outputs/check_gpu_precision)
 # DEVICE=cpu PRECISIONS=bf16 runs the same checks on a CPU (fp16 is refused there, with a one-line error).
+# JOBS=N runs N checks at once (default 1; a GPU host's cores and memory take 8 of these tiny runs side by side).
 set -uo pipefail
 out=${1:-outputs/check_gpu_precision}
 device=${DEVICE:-cuda}
 precisions=${PRECISIONS:-"bf16 fp16"}
 py=${PYTHON:-python3}
+jobs=${JOBS:-1}
 mkdir -p "$out"
-failures=0
-check() {  # check NAME OVERRIDES...
+names=()
+check() {  # check NAME OVERRIDES...: runs in the background, at most $jobs at once; writes $out/NAME.result
+  local name=$1; shift
+  names+=("$name")
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+  run_check "$name" "$@" >"$out/$name.result" &
+}
+run_check() {
   local name=$1; shift
   rm -rf "${out:?}/$name"
   if timeout 300 "$py" -m regstory.train trainer.device="$device" logger.wandb.mode=disabled logger.progress=none \
       trainer.num_threads=0 hydra.run.dir="$out/$name" "$@" >"$out/$name.log" 2>&1; then
     echo "ok    $name: $("$py" -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: round(v, 3) for k, v in s.items() if k in ('final_train_loss', 'final_test_acc', 'last_test_unbiased_acc', 'final_sparsity')})" "$out/$name/summary.json")"
   else
-    failures=$((failures + 1))
     echo "FAIL  $name: $(grep -v Warning "$out/$name.log" | tail -1)"
   fi
 }
@@ -31,6 +38,12 @@ for p in $precisions; do
       dataset.val_colours=1 debias.probe_steps=20
   done
   check "kd_$p" dataset=digits trainer.precision="$p" trainer.epochs=2 distill=kd distill.teacher_epochs=2
+done
+wait
+failures=0
+for name in "${names[@]}"; do
+  cat "$out/$name.result"
+  grep -q '^ok' "$out/$name.result" || failures=$((failures + 1))
 done
 if [ "$device" = cuda ]; then
   echo "== fp16 ResNet-18 bench (regstory vs the usual loop, both fp16)"

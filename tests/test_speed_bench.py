@@ -89,3 +89,16 @@ def test_bench_refuses_fp16_on_cpu(bench):
 
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--device", "cpu", "--precision", "fp16"])
+
+
+def test_parallel_seeds_bench_checks_stacked_equals_sequential_and_reports_each_k(capsys):
+    spec = importlib.util.spec_from_file_location("bench_parallel_seeds", REPO / "scripts" / "bench_parallel_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ratios = module.main(["--ks", "1", "2", "--width", "16", "--num-train", "256", "--batch-size", "32",
+                          "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert set(ratios) == {1, 2} and all(r > 0 for r in ratios.values())
+    diff = float(out.split("max |diff| = ")[1].split()[0])
+    moved = float(out.split("weights moved by up to ")[1].rstrip(")\n").split(")")[0])
+    assert diff < 1e-6 < moved

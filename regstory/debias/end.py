@@ -24,14 +24,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin
+from regstory.utils import in_fp32
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
 
 
+@in_fp32
 def gram_matrix(features: Tensor) -> Tensor:
-    """G = y~ y~' of the L2-normalised features, clamped to [-1, 1]."""
-    z = F.normalize(features.flatten(1).float(), dim=1)
+    """G = y~ y~' of the L2-normalised features, clamped to [-1, 1]; in fp32 under autocast (a batch x batch
+    product: cheap, and the terms below then keep one dtype whatever the device's autocast policy)."""
+    z = F.normalize(features.flatten(1), dim=1)
     return (z @ z.t()).clamp(-1.0, 1.0)
 
 
@@ -40,6 +43,7 @@ def lower_pairs(n: int, device) -> Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril(diagonal=-1)
 
 
+@in_fp32
 def disentangling_term(gram: Tensor, bias: Tensor, num_bias: int) -> Tensor:
     """R_perp = sum_c |sum_{i>j, b_i=b_j=c} g_ij| / sum_c M_c; 0 when no pair shares a bias class. Computed with
     masks and one ``index_add`` (no per-class loop, no host read per step)."""
@@ -48,6 +52,7 @@ def disentangling_term(gram: Tensor, bias: Tensor, num_bias: int) -> Tensor:
     return per_class.abs().sum() / same.sum().clamp(min=1)
 
 
+@in_fp32
 def entangling_term(gram: Tensor, target: Tensor, bias: Tensor) -> Tensor:
     """R_par = mean over pairs i > j with y_i = y_j and b_i != b_j of (1 - g_ij) / 2; 0 when there is none."""
     mask = lower_pairs(len(target), gram.device) & (target[:, None] == target[None, :]) & (bias[:, None] != bias[None, :])

@@ -40,6 +40,22 @@ def test_end_entangling_term_same_target_different_bias_sec3_4():
     assert entangling_term(gram_matrix(Z), y, y).item() == 0.0  # no same-target different-bias pair
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_end_terms_are_fp32_under_autocast_and_match_the_fp32_values(dtype):
+    """CUDA's autocast runs sum() in fp32, so a half Gram matrix met an fp32 row sum in index_add and EnD crashed
+    on the GPU (found on an H200); the Gram matrix and both terms now run in fp32 whatever the autocast."""
+    feats = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    bias, target = torch.tensor([0, 1, 2] * 4), torch.tensor([0, 0, 1, 1] * 3)
+    ref_gram = gram_matrix(feats)
+    ref = disentangling_term(ref_gram, bias, 3), entangling_term(ref_gram, target, bias)
+    with torch.autocast("cpu", dtype=dtype):
+        gram = gram_matrix(feats.to(dtype))
+        terms = disentangling_term(gram.to(dtype), bias, 3), entangling_term(gram.to(dtype), target, bias)
+    assert gram.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms)
+    for got, want in zip(terms, ref):
+        assert got.item() == pytest.approx(want.item(), abs=2e-2)
+
+
 def test_irene_mutual_information_proxy_hand_values():
     bias = torch.tensor([0, 0, 1, 1])
     # head perfectly reads the bias: P = diag(1/2, 1/2) -> I = ln2 / ln2 = 1
