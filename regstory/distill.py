@@ -32,12 +32,16 @@ log = logging.getLogger("regstory")
 TEACHER = "teacher.pt"
 
 
-def distillation_loss(student: Tensor, teacher: Tensor, y: Tensor, alpha: float, temperature: float) -> Tensor:
-    """a * T^2 * KL(p_t^T || p_s^T) + (1 - a) * CE(student, y), batch means (Hinton et al. 2015)."""
+def distillation_loss(student: Tensor, teacher: Tensor, y: Tensor, alpha: float, temperature: float,
+                      ce: Tensor | None = None) -> Tensor:
+    """a * T^2 * KL(p_t^T || p_s^T) + (1 - a) * CE(student, y), batch means (Hinton et al. 2015). ``ce``: the batch's
+    mean CE when already computed (the loop's ``per_sample_loss``)."""
     t = temperature
     kl = F.kl_div(F.log_softmax(student.float() / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
                   reduction="batchmean", log_target=True)
-    return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student.float(), y)
+    if ce is None:
+        ce = F.cross_entropy(student.float(), y)
+    return alpha * t * t * kl + (1 - alpha) * ce
 
 
 class Distillation(Plugin):
@@ -93,4 +97,5 @@ class Distillation(Plugin):
     def task_loss(self, ctx: "RunContext", batch: dict[str, Tensor], out: StepOutput) -> Tensor:
         with torch.no_grad():
             teacher_logits = self.teacher(batch["x"])
-        return distillation_loss(out.logits, teacher_logits, batch["y"], self.alpha, self.temperature)
+        return distillation_loss(out.logits, teacher_logits, batch["y"], self.alpha, self.temperature,
+                                 ce=out.per_sample_loss.mean())

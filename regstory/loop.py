@@ -158,6 +158,7 @@ class HookCaller:
         self.task_loss, self.extra_loss, self.after_backward, self.after_step = (
             self.by_hook[h] for h in self.STEP_HOOKS)
         self.needs_features = any(p.needs_features for p in plugins)
+        self.evaluates = any(p.evaluates for p in plugins)
 
     def __getitem__(self, hook: str) -> list[Plugin]:
         return self.by_hook[hook]
@@ -355,7 +356,7 @@ def run_epoch(ctx: RunContext, hooks: HookCaller) -> dict[str, Any]:
             f"training loss became {record['train_loss']} in round {ctx.round}, epoch {ctx.epoch}; "
             f"stopped, last good checkpoint kept in {ctx.run_dir / 'checkpoints'} (try a lower trainer.lr)")
     last = ctx.epoch + 1 == ctx.epochs
-    if last or (ctx.epoch + 1) % int(ctx.cfg.trainer.eval_every) == 0:
+    if not hooks.evaluates and (last or (ctx.epoch + 1) % int(ctx.cfg.trainer.eval_every) == 0):
         for split in ("val", "test"):
             if split in ctx.loaders:
                 record.update({f"{split}_{k}": v for k, v in ctx.evaluate(split).items()})

@@ -17,6 +17,7 @@ Order of calls::
                 out = forward(batch)           # logits, features (if any plugin needs_features), per-sample CE
                 loss = task_loss(...) or mean CE; loss += sum(extra_loss(...))
                 backward; after_backward(ctx); optimizer.step(); after_step(ctx)
+            metrics |= evaluate val and test (skipped when a plugin ``evaluates`` them itself)
             metrics |= end_epoch(ctx)
         round_metrics = end_round(ctx)        # e.g. measure, then prune
     summary |= finalize(ctx)
@@ -46,6 +47,9 @@ class Plugin:
 
     #: set True to receive bottleneck features in ``StepOutput.features``
     needs_features: bool = False
+    #: set True when ``end_epoch`` itself reports ``{split}_loss`` and ``{split}_acc`` for the val and test splits
+    #: every epoch: the loop then skips its own evaluation pass (one pass over each split instead of two)
+    evaluates: bool = False
 
     def setup(self, ctx: "RunContext") -> None:
         """Called once, after model, data and optimizer exist (and before a resumed state is loaded)."""

@@ -21,6 +21,14 @@ def test_loss_is_alpha_t2_kl_plus_one_minus_alpha_ce_by_hand():
     assert distillation_loss(s, t, y, a, T).item() == pytest.approx(a * T * T * kl + (1 - a) * ce, rel=1e-5)
 
 
+def test_a_given_batch_ce_replaces_the_recomputed_one():
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    ce = torch.nn.functional.cross_entropy(s, y, reduction="none").mean()
+    assert distillation_loss(s, t, y, 0.3, 4.0, ce=ce).item() == pytest.approx(
+        distillation_loss(s, t, y, 0.3, 4.0).item(), rel=1e-6)
+    assert distillation_loss(s, t, y, 0.0, 4.0, ce=torch.tensor(7.0)).item() == pytest.approx(7.0)
+
+
 def test_alpha_zero_is_plain_cross_entropy():
     s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     assert distillation_loss(s, t, y, 0.0, 5.0).item() == pytest.approx(

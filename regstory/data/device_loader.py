@@ -126,6 +126,12 @@ class TensorLoader:
                 break
             yield self.make_batch(index, gen)
 
+    def in_order(self) -> Iterator[dict[str, Tensor]]:
+        """The whole split in storage order, unaugmented and unsharded (for measurements, e.g. class centroids)."""
+        n = len(self.split)
+        for start in range(0, n, self.batch_size):
+            yield self.make_batch(torch.arange(start, min(start + self.batch_size, n), device=self.device))
+
     def make_batch(self, index: Tensor, gen: torch.Generator | None = None) -> dict[str, Tensor]:
         x = self.x[index]
         if not x.is_floating_point():

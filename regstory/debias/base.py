@@ -14,12 +14,15 @@ predict the bias from the *frozen* bottleneck features of the validation split (
 target, so the probe cannot read the bias through the class), then tested on the test split. High = the bottleneck
 still carries the bias; chance = 1 / num_bias_classes.
 
-Model selection: every epoch's record holds the test and val metrics; ``finalize`` reports the last epoch and the
+Evaluation: the plugin evaluates val and test itself every epoch (whatever ``trainer.eval_every`` says; the loop's
+own pass is skipped), since model selection needs every epoch's val metrics. Model selection: every epoch's record
+holds the test and val metrics; ``finalize`` reports the last epoch and the
 epoch chosen by ``selection`` (a val metric, never a test metric) in ``summary.json``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -64,19 +67,23 @@ def group_metrics(pred: Tensor, y: Tensor, bias: Tensor, num_classes: int, num_b
 
 
 @torch.no_grad()
-def collect(model: nn.Module, loader) -> dict[str, Tensor]:
-    """Logits, bottleneck features, targets and bias labels of a whole split (model in eval mode, restored)."""
+def collect(model: nn.Module, batches: Iterable[dict[str, Tensor]], autocast=contextlib.nullcontext,
+            device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Logits and bottleneck features (fp32) with the batches' targets and bias labels (where present), concatenated
+    on ``device``. Model in eval mode (restored after), forward under ``autocast()`` (e.g. ``ctx.autocast``)."""
     was_training = model.training
     model.eval()
     parts: dict[str, list[Tensor]] = {"logits": [], "features": [], "y": [], "bias": []}
-    for batch in loader:
-        logits, feats = model(batch["x"], return_features=True)
+    for batch in batches:
+        with autocast():
+            logits, feats = model(batch["x"], return_features=True)
         parts["logits"].append(logits.float())
         parts["features"].append(feats.float())
-        parts["y"].append(batch["y"])
-        parts["bias"].append(batch["bias"])
+        for key in ("y", "bias"):
+            if key in batch:
+                parts[key].append(batch[key])
     model.train(was_training)
-    return {k: torch.cat(v).cpu() for k, v in parts.items()}
+    return {k: torch.cat(v).to(device) for k, v in parts.items() if v}
 
 
 def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
@@ -111,6 +118,7 @@ class DebiasPlugin(Plugin):
     """
 
     needs_features = True
+    evaluates = True
 
     def __init__(self, selection: str = SELECTION, probe_every: int = PROBE_EVERY, probe_steps: int = PROBE_STEPS):
         self.selection = selection
@@ -126,8 +134,10 @@ class DebiasPlugin(Plugin):
 
     def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
         record: dict[str, Any] = {}
-        outputs = {split: collect(ctx.model, ctx.loaders[split]) for split in ("test", "val") if split in ctx.loaders}
+        outputs = {split: collect(ctx.model, ctx.loaders[split], ctx.autocast)
+                   for split in ("test", "val") if split in ctx.loaders}
         for split, out in outputs.items():
+            record[f"{split}_loss"] = F.cross_entropy(out["logits"], out["y"]).item()
             metrics = group_metrics(out["logits"].argmax(1), out["y"], out["bias"], ctx.data.num_classes, self.num_bias)
             record.update({f"{split}_{k}": v for k, v in metrics.items()})
         if self._probe_due(ctx) and "val" in outputs:

@@ -38,14 +38,21 @@ EPS = 1e-15
 
 
 @in_fp32
-def mutual_information_proxy(bias: Tensor, probs: Tensor, num_bias: int) -> Tensor:
+def mutual_information_proxy(bias: Tensor, probs: Tensor, num_bias: int, mask: Tensor | None = None) -> Tensor:
     """IRENE's MI proxy (authors' ``MI`` class), normalised to about [0, 1]:
 
     P_ij = max(1/N sum_n [b_n = i] softmax(H(z_n))_j, 1e-15),  p_i = sum_j P_ij,  q_j = sum_i P_ij,
     I = 1/ln(K_b) * sum_ij P_ij ln(P_ij / max(p_i q_j, 1e-15)).
+
+    ``mask`` (bool, per sample) restricts the sums to the masked samples (N = their count) without indexing, so no
+    value is read back to the host; with no masked sample the proxy is 0 and has no gradient.
     """
     onehot = F.one_hot(bias, num_bias).to(probs.dtype)
-    joint = (onehot.t() @ probs / len(bias)).clamp(min=EPS)
+    count = len(bias)
+    if mask is not None:
+        onehot = onehot * mask[:, None]
+        count = mask.sum().clamp(min=1)
+    joint = (onehot.t() @ probs / count).clamp(min=EPS)
     p = joint.sum(1, keepdim=True)
     q = joint.sum(0, keepdim=True)
     return (joint * torch.log(joint / (p * q).clamp(min=EPS))).sum() / math.log(num_bias)

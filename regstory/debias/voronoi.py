@@ -8,7 +8,7 @@ Round 0, bias inference with a vanilla model (authors' ``infer_predicted_bias``)
 * during that epoch's steps, each misclassified sample (target y, prediction y') gets its distance to the Voronoi
   bisector between c_y and c_y' (the face of its target cell that faces y'):
   d = |w . z + b| / ||w||, w = c_y' - c_y, b = (||c_y||^2 - ||c_y'||^2) / 2, and the relative distance
-  d_rel = d * K / sum_k ||c_k|| (d over the mean centroid norm);
+  d_rel = d * K / sum_k ||c_k|| (d over the mean centroid norm; over the classes that have a centroid);
 * e* = the epoch where the mean d_rel of the misclassified samples peaks ("the model has learned bias features").
 At e*: misclassified samples are bias-misaligned with pseudo-bias b^ = y'(e*); the others are aligned (b^ = y).
 Alignment rate rho^_c = 1 - #(misaligned with b^ = c) / N_c; weights: aligned 1 / rho^_y, misaligned
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin
+from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin, collect
 from regstory.debias.irene import BiasHead, mutual_information_proxy, probs_without_head_gradient
 
 if TYPE_CHECKING:
@@ -58,8 +58,9 @@ def bisector_distance(z: Tensor, centroids: Tensor, y: Tensor, pred: Tensor) -> 
 
 
 def relative_distance(d: Tensor, centroids: Tensor) -> Tensor:
-    """d_rel = d * K / sum_k ||c_k|| (distance over the mean centroid norm)."""
-    return d * len(centroids) / centroids.norm(dim=1).sum()
+    """d_rel = d * K / sum_k ||c_k|| (distance over the mean centroid norm); classes without a centroid (NaN rows:
+    no correctly classified sample) are left out of the mean."""
+    return d / centroids.norm(dim=1).nanmean()
 
 
 def select_epoch(mean_distances: dict[int, float]) -> int:
@@ -94,7 +95,8 @@ class VoronoiMining(DebiasPlugin):
         self.centroids: Tensor | None = None
         self.distance_sum: dict[int, float] = {}
         self.distance_count: dict[int, int] = {}
-        self.predictions: dict[int, Tensor] = {}
+        self.best_predictions: Tensor | None = None  # the training-set predictions of the best epoch so far (e*)
+        self._epoch: tuple[Tensor, Tensor, Tensor] | None = None  # this epoch's predictions, distance sum, count
         self.b_hat: Tensor | None = None
         self.weights: Tensor | None = None
         self._pending: tuple[Tensor, Tensor] | None = None
@@ -113,38 +115,34 @@ class VoronoiMining(DebiasPlugin):
     def start_epoch(self, ctx: "RunContext") -> None:
         self.centroids = None
         if ctx.round == INFERENCE and ctx.epoch >= self.warmup_epochs:
-            feats, pred = self._train_features(ctx)
-            self.centroids = class_centroids(feats, self.train_y, pred, self.num_classes)
-            self.predictions[ctx.epoch] = torch.full_like(self.train_y, -1)
-            self.distance_sum[ctx.epoch], self.distance_count[ctx.epoch] = 0.0, 0
+            train = collect(ctx.model, ctx.loaders["train"].in_order(), ctx.autocast, device=ctx.device)
+            self.centroids = class_centroids(train["features"], self.train_y, train["logits"].argmax(1),
+                                             self.num_classes)
+            zero = torch.zeros((), device=ctx.device)
+            self._epoch = (torch.full_like(self.train_y, -1), zero, zero.long())
 
     @torch.no_grad()
-    def _train_features(self, ctx: "RunContext") -> tuple[Tensor, Tensor]:
-        """Bottleneck features and predictions of the whole (unaugmented) training set, model in eval mode."""
-        loader, model = ctx.loaders["train"], ctx.model
-        was_training = model.training
-        model.eval()
-        feats, preds = [], []
-        n = len(loader.split)
-        for start in range(0, n, loader.batch_size):
-            index = torch.arange(start, min(start + loader.batch_size, n), device=loader.split.y.device)
-            logits, z = model(loader.make_batch(index)["x"], return_features=True)
-            feats.append(z.float())
-            preds.append(logits.argmax(1))
-        model.train(was_training)
-        return torch.cat(feats), torch.cat(preds)
-
     def _measure(self, ctx: "RunContext", batch, out) -> None:
-        with torch.no_grad():
-            pred = out.logits.argmax(1)
-            self.predictions[ctx.epoch][batch["index"]] = pred
-            y = batch["y"]
-            valid = ~torch.isnan(self.centroids[y]).any(1) & ~torch.isnan(self.centroids[pred]).any(1)
-            wrong = (pred != y) & valid
-            if wrong.any():
-                d = bisector_distance(out.features.float()[wrong], self.centroids, y[wrong], pred[wrong])
-                self.distance_sum[ctx.epoch] += relative_distance(d, self.centroids).sum().item()
-                self.distance_count[ctx.epoch] += int(wrong.sum())
+        """Record the step's predictions and add its misclassified samples' relative distances to the epoch's sum,
+        in device tensors (nothing is read back to the host per step)."""
+        predictions, distance_sum, count = self._epoch
+        pred = out.logits.argmax(1)
+        predictions[batch["index"]] = pred
+        y = batch["y"]
+        valid = ~torch.isnan(self.centroids[y]).any(1) & ~torch.isnan(self.centroids[pred]).any(1)
+        wrong = (pred != y) & valid
+        d = relative_distance(bisector_distance(out.features.float(), self.centroids, y, pred), self.centroids)
+        distance_sum.add_(torch.where(wrong, d, 0.0).sum())
+        count.add_(wrong.sum())
+
+    def _close_epoch(self, epoch: int) -> None:
+        """Read the epoch's distance sum once; keep its predictions only while it is the best epoch (e*) so far."""
+        predictions, distance_sum, count = self._epoch
+        self._epoch = None
+        self.distance_sum[epoch], self.distance_count[epoch] = float(distance_sum), int(count)
+        distances = self.mean_distances()
+        if epoch in distances and select_epoch(distances) == epoch:
+            self.best_predictions = predictions
 
     def mean_distances(self) -> dict[int, float]:
         return {e: self.distance_sum[e] / self.distance_count[e] for e in self.distance_sum if self.distance_count[e]}
@@ -166,11 +164,9 @@ class VoronoiMining(DebiasPlugin):
             return {}
         b_hat = self.b_hat[batch["index"]]
         self._pending = (out.features.detach(), b_hat)
-        misaligned = b_hat != batch["y"]
-        if not misaligned.any():
-            return {"voronoi_mi": out.features.new_zeros(())}
-        probs = probs_without_head_gradient(self.head.linear, out.features.float()[misaligned])
-        return {"voronoi_mi": self.gamma * mutual_information_proxy(b_hat[misaligned], probs, self.num_classes)}
+        probs = probs_without_head_gradient(self.head.linear, out.features.float())
+        mi = mutual_information_proxy(b_hat, probs, self.num_classes, mask=b_hat != batch["y"])
+        return {"voronoi_mi": self.gamma * mi}
 
     def after_backward(self, ctx) -> None:
         if self._pending is not None:
@@ -179,6 +175,8 @@ class VoronoiMining(DebiasPlugin):
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
     def end_epoch(self, ctx) -> dict[str, Any]:
+        if self._epoch is not None:
+            self._close_epoch(ctx.epoch)
         record = super().end_epoch(ctx)
         if ctx.round == INFERENCE and ctx.epoch in self.mean_distances():
             record["voronoi_rel_distance"] = self.mean_distances()[ctx.epoch]
@@ -192,9 +190,9 @@ class VoronoiMining(DebiasPlugin):
             raise ValueError("voronoi: no misclassified training sample was measured in round 0; "
                              "use more epochs than debias.warmup_epochs")
         e_star = select_epoch(distances)
-        self.b_hat = pseudo_bias(self.train_y, self.predictions[e_star])
+        self.b_hat = pseudo_bias(self.train_y, self.best_predictions)
         self.weights = alignment_weights(self.train_y, self.b_hat, self.num_classes)
-        self.predictions = {}
+        self.best_predictions = None
         found = self.b_hat != self.train_y
         record: dict[str, Any] = {"voronoi_e_star": e_star, "voronoi_num_misaligned": int(found.sum())}
         bias = ctx.loaders["train"].split.extras.get("bias")
@@ -211,7 +209,8 @@ class VoronoiMining(DebiasPlugin):
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "b_hat": self.b_hat, "weights": self.weights,
                 "distance_sum": self.distance_sum, "distance_count": self.distance_count,
-                "predictions": self.predictions, "inference_record": getattr(self, "inference_record", {})}
+                "best_predictions": self.best_predictions,
+                "inference_record": getattr(self, "inference_record", {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.head.load_state_dict(state["head"])
@@ -219,5 +218,9 @@ class VoronoiMining(DebiasPlugin):
         self.b_hat = state["b_hat"].to(dev) if state["b_hat"] is not None else None
         self.weights = state["weights"].to(dev) if state["weights"] is not None else None
         self.distance_sum, self.distance_count = state["distance_sum"], state["distance_count"]
-        self.predictions = {e: p.to(dev) for e, p in state["predictions"].items()}
+        if "predictions" in state:  # a checkpoint written before only e*'s predictions were kept
+            distances = self.mean_distances()
+            state["best_predictions"] = state["predictions"][select_epoch(distances)] if distances else None
+        best = state["best_predictions"]
+        self.best_predictions = best.to(dev) if best is not None else None
         self.inference_record = state["inference_record"]

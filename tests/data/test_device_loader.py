@@ -65,3 +65,14 @@ def test_uint8_inputs_stay_uint8_on_the_device_and_batches_match_the_float_path(
     assert as_uint8.x.dtype == torch.uint8
     for a, b in zip(as_uint8, as_float):
         assert a["x"].dtype == torch.float32 and torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
+
+
+def test_in_order_is_the_whole_split_in_storage_order_unaugmented_on_every_shard():
+    from regstory.data.base import Augment
+
+    loader = TensorLoader(make_split(), batch_size=4, shuffle=True, drop_last=True, seed=1,
+                          augment=Augment(crop_padding=1, flip=True), shard=(1, 2))
+    batches = list(loader.in_order())
+    assert [len(b["y"]) for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(10))
+    assert torch.equal(torch.cat([b["x"] for b in batches]), make_split().x)

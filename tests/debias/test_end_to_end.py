@@ -32,6 +32,19 @@ def test_each_method_trains_and_logs_debias_metrics(method, tmp_path):
         assert any(k.startswith("loss/") for k in records[-1])
 
 
+def test_debias_plugin_evaluates_every_epoch_and_the_loop_does_not_evaluate_again(tmp_path, monkeypatch):
+    """The plugin's own pass reports loss and accuracy of val and test every epoch (model selection needs them);
+    the loop's evaluation pass, which used to run again at the last epoch, is skipped."""
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the loop evaluated although a debias plugin evaluates the splits itself")
+
+    monkeypatch.setattr("regstory.loop.evaluate", no_second_pass)
+    run(make_cfg(*TINY, "debias=vanilla", "trainer.eval_every=1"), run_dir=tmp_path)
+    for record in read_jsonl(tmp_path / "metrics.jsonl"):
+        for split in ("val", "test"):
+            assert record[f"{split}_loss"] > 0 and 0 <= record[f"{split}_acc"] <= 1
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # fp16: the scaler skipped every step
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("method", METHODS)

@@ -56,6 +56,20 @@ def test_end_terms_are_fp32_under_autocast_and_match_the_fp32_values(dtype):
         assert got.item() == pytest.approx(want.item(), abs=2e-2)
 
 
+def test_masked_mi_proxy_equals_the_proxy_of_the_masked_samples_and_is_zero_without_any():
+    gen = torch.Generator().manual_seed(1)
+    bias = torch.randint(3, (10,), generator=gen)
+    logits = torch.randn(10, 3, generator=gen, requires_grad=True)
+    mask = torch.tensor([True, False, True, True, False, True, False, True, True, False])
+    probs = logits.softmax(1)
+    masked = mutual_information_proxy(bias, probs, 3, mask=mask)
+    assert masked.item() == pytest.approx(mutual_information_proxy(bias[mask], probs[mask], 3).item(), rel=1e-6)
+    none = mutual_information_proxy(bias, probs, 3, mask=torch.zeros(10, dtype=torch.bool))
+    assert none.item() == 0.0
+    none.backward()
+    assert torch.count_nonzero(logits.grad) == 0
+
+
 def test_irene_mutual_information_proxy_hand_values():
     bias = torch.tensor([0, 0, 1, 1])
     # head perfectly reads the bias: P = diag(1/2, 1/2) -> I = ln2 / ln2 = 1

@@ -61,6 +61,43 @@ def test_voronoi_bisector_distance_on_2d_features():
     assert bisector_distance(torch.tensor([[-1.0, 0.0]]), c, torch.tensor([1]), torch.tensor([0])).item() == 3.0
 
 
+def test_voronoi_relative_distance_leaves_classes_without_centroid_out():
+    """A class with no correctly classified sample has a NaN centroid; it used to turn every distance into NaN."""
+    c = torch.tensor([[0.0, 0.0], [4.0, 0.0], [float("nan"), float("nan")]])
+    d = torch.tensor([3.0, 0.5])
+    assert torch.allclose(relative_distance(d, c), torch.tensor([1.5, 0.25]))  # mean norm of the two present: 2
+
+
+def test_voronoi_measures_on_the_device_and_keeps_only_the_best_epochs_predictions():
+    """Per step: predictions and the relative distances of the misclassified samples whose two centroids exist,
+    summed in device tensors (by hand below); per epoch: one read, and only e*'s predictions are kept."""
+    from types import SimpleNamespace
+
+    from regstory.debias.voronoi import VoronoiMining
+    from regstory.plugins import StepOutput
+
+    plugin = VoronoiMining()
+    plugin.train_y = torch.tensor([0, 0, 1, 2])
+    plugin.centroids = torch.tensor([[0.0, 0.0], [4.0, 0.0], [float("nan"), float("nan")]])
+    ctx = SimpleNamespace(epoch=3)
+    epochs = {3: (torch.tensor([1, 0, 1, 1]), [[5.0, 1.0], [0.0, 0.0], [4.0, 0.0], [9.0, 9.0]]),
+              4: (torch.tensor([1, 1, 1, 1]), [[4.0, 0.0], [4.0, 0.0], [4.0, 0.0], [9.0, 9.0]])}
+    for epoch, (pred, feats) in epochs.items():
+        zero = torch.zeros(())
+        plugin._epoch = (torch.full((4,), -1), zero, zero.long())
+        logits = torch.nn.functional.one_hot(pred, 3).float()
+        batch = {"index": torch.arange(4), "y": plugin.train_y}
+        plugin._measure(ctx, batch, StepOutput(logits=logits, per_sample_loss=torch.zeros(4),
+                                               features=torch.tensor(feats)))
+        plugin._close_epoch(epoch)
+    # epoch 3: sample 0 (y 0 -> 1, at (5, 1)) is 3 from x = 2, relative 3 / mean norm 2 = 1.5; sample 3 (y 2) has
+    # no centroid: not counted. Epoch 4: samples 0, 1 at (4, 0): 2 from x = 2, relative 1 each -> mean 1 < 1.5
+    assert plugin.distance_sum == {3: pytest.approx(1.5), 4: pytest.approx(2.0)}
+    assert plugin.distance_count == {3: 1, 4: 2}
+    assert torch.equal(plugin.best_predictions, torch.tensor([1, 0, 1, 1]))  # epoch 3's, the peak
+    assert not hasattr(plugin, "predictions")  # no store of every epoch's predictions
+
+
 def test_voronoi_e_star_is_the_peak_of_the_mean_distance():
     assert select_epoch({1: 0.2, 2: 0.9, 3: 0.5, 4: 0.9}) == 2
     assert select_epoch({5: 0.1}) == 5
