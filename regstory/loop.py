@@ -53,6 +53,7 @@ class RunContext:
     reduce_metrics: Callable[[dict], dict] | None = None  # DDP: average the per-rank train metrics over ranks
     started_at: float = field(default_factory=time.perf_counter)
     wall_before: float = 0.0  # wall time spent by earlier (killed) processes of a resumed run
+    optimizer_overrides: dict[str, Any] = field(default_factory=dict)  # the round's lr/schedule, kept in checkpoints
 
     @property
     def wall_time_s(self) -> float:
@@ -81,7 +82,9 @@ class RunContext:
         return evaluate(model or self.model, self.loaders[split], self.autocast)
 
     def rebuild_optimizer(self, lr: float | None = None, schedule: str | None = None) -> None:
-        """Fresh optimizer and scheduler for a round (``lr``/``schedule`` override the trainer's, e.g. fine-tuning)."""
+        """Fresh optimizer and scheduler for a round (``lr``/``schedule`` override the trainer's, e.g. fine-tuning).
+        The overrides are checkpointed, so a resumed round rebuilds the same schedule."""
+        self.optimizer_overrides = {"lr": lr, "schedule": schedule}
         self.optimizer = build_optimizer(self.model, self.cfg.trainer, lr)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.trainer, schedule)
 
@@ -277,6 +280,7 @@ def checkpoint_state(ctx: RunContext, next_round: int, next_epoch: int, round_st
         "optimizer": ctx.optimizer.state_dict() if ctx.optimizer is not None else None,
         "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,
         "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+        "optimizer_overrides": ctx.optimizer_overrides,
         "plugins": [p.state_dict() for p in ctx.plugins],
         "rng": rng_states(),
         "position": {"round": next_round, "epoch": next_epoch, "round_started": round_started, "finished": finished,

@@ -261,7 +261,7 @@ def restore(ctx: RunContext, ckpt: dict[str, Any]) -> dict[str, Any]:
     ctx.global_step = position["global_step"]
     ctx.history = ckpt["history"]
     if position["round_started"]:
-        ctx.rebuild_optimizer()
+        ctx.rebuild_optimizer(**ckpt.get("optimizer_overrides", {}))  # e.g. a fine-tuning round's constant lr
         ctx.optimizer.load_state_dict(ckpt["optimizer"])
         ctx.scheduler.load_state_dict(ckpt["scheduler"])
         if ctx.scaler is not None and ckpt.get("scaler"):

@@ -73,6 +73,7 @@ class PruningSweep(Plugin):
         self.stop_average, self.phase_metric, self.phase_tol = stop_average, phase_metric, phase_tol
         self.remask_after_step = remask_after_step
         self.masks: MaskSet | None = None
+        self.measure_loaders: dict[str, TensorLoader | None] = {}  # fixed subsets, built at the first measurement
         self.rewind_state: dict[str, Tensor] | None = None
         self.best: dict[str, Any] = {}
 
@@ -130,12 +131,6 @@ class PruningSweep(Plugin):
             reinitialise(ctx.model, seed=int(ctx.cfg.seed) * 1009 + ctx.round)
         # lr_rewind: keep the weights; fit() has already rebuilt the optimizer with the full schedule
 
-    def start_epoch(self, ctx: "RunContext") -> None:
-        """Fine-tuning rounds keep a constant lr, also after a resume (which rebuilds the trainer's scheduler)."""
-        if self.retrain == "finetune" and ctx.round > 0:
-            for group in ctx.optimizer.param_groups:
-                group["lr"] = self.finetune_lr
-
     def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
         if ctx.round == 0 and self.retrain == "rewind" and self.rewind_epoch > 0 and ctx.epoch + 1 == self.rewind_epoch:
             self.rewind_state = snapshot(ctx.model)
@@ -146,7 +141,9 @@ class PruningSweep(Plugin):
         record: dict[str, Any] = {"sparsity": 1 - alive / total, "remaining_weights": alive}
         record.update(self.measure_entropy(ctx))
         if self.measure_memorization:
-            record.update(memorization(ctx))
+            if "noisy" not in self.measure_loaders:
+                self.measure_loaders["noisy"] = noisy_samples_loader(ctx)
+            record.update(memorization(ctx.model, self.measure_loaders["noisy"]))
         val_acc = ctx.history[-1].get("val_acc") if ctx.history else None
         self.keep_best(ctx, val_acc, record["sparsity"])
         entropy = record["entropy_mean" if self.stop_average == "all" else "entropy_mean_nonconstant"]
@@ -191,13 +188,16 @@ class PruningSweep(Plugin):
     # -- measurements ---------------------------------------------------------------------------------------------
     def measure_entropy(self, ctx: "RunContext") -> dict[str, float]:
         """Eq. 2.16-2.17 on a fixed, un-augmented subset of the train split (``entropy_samples``; null = all)."""
-        split = ctx.loaders["train"].split
-        n = len(split)
-        if self.entropy_samples and self.entropy_samples < n:
-            gen = torch.Generator().manual_seed(int(ctx.cfg.seed))
-            split = split.subset(torch.randperm(n, generator=gen)[: self.entropy_samples].sort().values.to(split.x.device))
-        loader = TensorLoader(split, int(ctx.cfg.trainer.eval_batch_size), mean=ctx.data.mean, std=ctx.data.std)
-        return entropy_summary(neuron_entropies(ctx.model, loader, self.entropy_zero_is_on))
+        if "entropy" not in self.measure_loaders:
+            split = ctx.loaders["train"].split
+            n = len(split)
+            if self.entropy_samples and self.entropy_samples < n:
+                gen = torch.Generator().manual_seed(int(ctx.cfg.seed))
+                chosen = torch.randperm(n, generator=gen)[: self.entropy_samples].sort().values
+                split = split.subset(chosen.to(split.x.device))
+            self.measure_loaders["entropy"] = TensorLoader(split, int(ctx.cfg.trainer.eval_batch_size),
+                                                           mean=ctx.data.mean, std=ctx.data.std)
+        return entropy_summary(neuron_entropies(ctx.model, self.measure_loaders["entropy"], self.entropy_zero_is_on))
 
     def keep_best(self, ctx: "RunContext", val_acc: float | None, sparsity: float) -> None:
         """Save the model with the best clean validation accuracy so far to ``checkpoints/best.pt``."""
@@ -210,23 +210,31 @@ class PruningSweep(Plugin):
                             {"model": ctx.model.state_dict(), "masks": self.masks.state_dict(), **self.best})
 
 
-@torch.no_grad()
-def memorization(ctx: "RunContext") -> dict[str, float]:
-    """On the noisy train samples: the fraction predicted as their (wrong) training label and as their true label."""
+def noisy_samples_loader(ctx: "RunContext") -> TensorLoader | None:
+    """The train samples whose label was flipped by label noise (un-augmented); None when there are none."""
     split = ctx.loaders["train"].split
     if "is_noisy" not in split.extras or not bool(split.extras["is_noisy"].any()):
-        return {}
+        return None
     noisy = split.subset(torch.nonzero(split.extras["is_noisy"]).flatten())
-    loader = TensorLoader(noisy, int(ctx.cfg.trainer.eval_batch_size), mean=ctx.data.mean, std=ctx.data.std)
-    was_training = ctx.model.training
-    ctx.model.eval()
-    fit_noisy, fit_true = 0, 0
-    for batch in loader:
-        pred = ctx.model(batch["x"]).argmax(1)
-        fit_noisy += int((pred == batch["y"]).sum())
-        fit_true += int((pred == batch["true_y"]).sum())
-    ctx.model.train(was_training)
-    return {"noisy_memorized": fit_noisy / len(noisy), "noisy_true_label_acc": fit_true / len(noisy)}
+    return TensorLoader(noisy, int(ctx.cfg.trainer.eval_batch_size), mean=ctx.data.mean, std=ctx.data.std)
+
+
+@torch.no_grad()
+def memorization(model: torch.nn.Module, noisy: TensorLoader | None) -> dict[str, float]:
+    """On the noisy train samples: the fraction predicted as their (wrong) training label and as their true label
+    (counted on the device, read once)."""
+    if noisy is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    fit_noisy, fit_true = torch.zeros((), dtype=torch.long, device=noisy.device), 0
+    for batch in noisy:
+        pred = model(batch["x"]).argmax(1)
+        fit_noisy = fit_noisy + (pred == batch["y"]).sum()
+        fit_true = fit_true + (pred == batch["true_y"]).sum()
+    model.train(was_training)
+    fit_noisy, fit_true = (torch.stack([fit_noisy, fit_true]).double() / len(noisy.split)).tolist()
+    return {"noisy_memorized": fit_noisy, "noisy_true_label_acc": fit_true}
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, Tensor]:

@@ -4,10 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from regstory.checkpoint import load_checkpoint
 from regstory.config import ConfigError
+from regstory.plugins import Plugin
 from regstory.pruning.magnitude import IMP
 from regstory.pruning.random import RandomPruning
 from regstory.pruning.snip import connection_sensitivity
@@ -182,8 +184,35 @@ def test_target_sparsity_caps_and_ends_the_sweep(tmp_path):
     assert summary["num_rounds"] == 3
 
 
+FINETUNE = ["dataset=digits", "method=imp", "method.rounds=1", "method.retrain=finetune", "trainer.epochs=3",
+            "trainer.schedule=step", "trainer.step_size=1", "trainer.gamma=0.5"]
+FINETUNE_LRS = [(0, 0.05), (0, 0.025), (0, 0.0125), (1, 0.001), (1, 0.001), (1, 0.001)]
+
+
 def test_finetune_rounds_keep_a_constant_small_lr_whatever_the_trainer_schedule(tmp_path):
-    run(make_cfg("dataset=digits", "method=imp", "method.rounds=1", "method.retrain=finetune", "trainer.epochs=3",
-                 "trainer.schedule=step", "trainer.step_size=1", "trainer.gamma=0.5"), run_dir=tmp_path)
-    lrs = [(r["round"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
-    assert lrs == [(0, 0.05), (0, 0.025), (0, 0.0125), (1, 0.001), (1, 0.001), (1, 0.001)]
+    run(make_cfg(*FINETUNE), run_dir=tmp_path)
+    assert [(r["round"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == FINETUNE_LRS
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt(Plugin):
+    def __init__(self, round: int, epoch: int):
+        self.at = (round, epoch)
+
+    def start_epoch(self, ctx):
+        if (ctx.round, ctx.epoch) == self.at:
+            raise Killed
+
+
+def test_a_fine_tuning_round_resumed_mid_round_keeps_its_constant_lr(tmp_path):
+    """The checkpoint records the round's lr/schedule override: a resume rebuilt the trainer's step schedule,
+    which decayed the fine-tuning lr (0.001 -> 0.0005)."""
+    killed = make_cfg(*FINETUNE)
+    killed.distill = OmegaConf.create({"_target_": "tests.pruning.test_imp.KillAt", "round": 1, "epoch": 1})
+    with pytest.raises(Killed):
+        run(killed, run_dir=tmp_path)
+    run(make_cfg(*FINETUNE, "resume=true"), run_dir=tmp_path)
+    assert [(r["round"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == FINETUNE_LRS
