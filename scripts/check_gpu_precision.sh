@@ -5,7 +5,7 @@
 # fp16 ResNet-18 bench line. Prints one line per run: ok/FAIL, its final metrics or its last error line.
 #   bash scripts/check_gpu_precision.sh [OUT_DIR]     (default outputs/check_gpu_precision)
 # DEVICE=cpu PRECISIONS=bf16 runs the same checks on a CPU (fp16 is refused there, with a one-line error).
-# JOBS=N runs N checks at once (default 1; a GPU host's cores and memory take 8 of these tiny runs side by side).
+# BENCH=0 skips the bench line. JOBS=N runs N checks at once (default 1; a GPU host's cores and memory take 8 of these tiny runs side by side).
 set -uo pipefail
 out=${1:-outputs/check_gpu_precision}
 device=${DEVICE:-cuda}
@@ -45,7 +45,7 @@ for name in "${names[@]}"; do
   cat "$out/$name.result"
   grep -q '^ok' "$out/$name.result" || failures=$((failures + 1))
 done
-if [ "$device" = cuda ]; then
+if [ "$device" = cuda ] && [ "${BENCH:-1}" != 0 ]; then
   echo "== fp16 ResNet-18 bench (regstory vs the usual loop, both fp16)"
   timeout 300 "$py" scripts/bench_train.py --arch resnet18 --dataset synthetic32 --device cuda --num-train 20480 \
     --batch-size 128 --repeats 3 --warmup 1 --precision fp16 --workers 8 --no-floor 2>&1 | grep -v Warning \
