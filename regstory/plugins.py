@@ -24,8 +24,9 @@ Order of calls::
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor
 
@@ -98,3 +99,17 @@ class Plugin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def with_options_of(base: type) -> Callable[[type], type]:
+    """Class decorator for a subclass whose ``__init__`` takes ``(own options, **options)`` and hands ``options`` to
+    ``base``: gives the class the full explicit signature (its own keywords, then ``base``'s), so config keys are
+    checked (``regstory.config.check_targets``) against both, without repeating ``base``'s options."""
+    def decorate(cls: type) -> type:
+        own = [p for p in inspect.signature(cls.__init__).parameters.values()
+               if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+        common = [p for p in inspect.signature(base.__init__).parameters.values() if p.name != "self"]
+        cls.__signature__ = inspect.Signature([p.replace(kind=p.KEYWORD_ONLY) for p in own + common])
+        return cls
+
+    return decorate

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regstory.plugins import Plugin
+from regstory.plugins import Plugin, with_options_of
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
 
-#: defaults of the metric options every debias plugin takes (one place; subclasses reuse them)
+#: defaults of the metric options every debias plugin takes (subclasses inherit them through with_debias_options)
 SELECTION, PROBE_EVERY, PROBE_STEPS = "val_unbiased_acc", 1, 300
 
 GROUP_METRICS = ("acc", "unbiased_acc", "conflicting_acc", "aligned_acc", "worst_group_acc")
@@ -183,3 +183,8 @@ class DebiasPlugin(Plugin):
 
 class Vanilla(DebiasPlugin):
     """Plain cross-entropy training with the debiasing metrics: the baseline of Tables 3.1 and 3.2."""
+
+
+#: decorator of a debiasing method taking ``(own options, **metric options)``: see
+#: :func:`regstory.plugins.with_options_of`
+with_debias_options = with_options_of(DebiasPlugin)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from regstory.data.device_loader import TensorLoader
-from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin
+from regstory.debias.base import DebiasPlugin, with_debias_options
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
@@ -64,13 +64,13 @@ class GroupBalancedLoader(TensorLoader):
         return order.to(self.split.x.device)
 
 
+@with_debias_options
 class GroupDRO(DebiasPlugin):
     """Online Group DRO. Defaults: eta 0.01 and C 0 (authors' ``--robust_step_size`` / ``--generalization_adjustment``)."""
 
     def __init__(self, eta: float = 0.01, adjustment: float = 0.0, groups: str = "bias",
-                 balanced_sampler: bool = True, selection: str = SELECTION, probe_every: int = PROBE_EVERY,
-                 probe_steps: int = PROBE_STEPS):
-        super().__init__(selection, probe_every, probe_steps)
+                 balanced_sampler: bool = True, **options):
+        super().__init__(**options)
         if groups not in GROUPINGS:
             raise ValueError(f"debias.groups={groups} is invalid: must be one of {', '.join(GROUPINGS)}")
         self.eta, self.adjustment, self.groups, self.balanced_sampler = eta, adjustment, groups, balanced_sampler

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin
+from regstory.debias.base import DebiasPlugin, with_debias_options
 from regstory.utils import in_fp32
 
 if TYPE_CHECKING:
@@ -90,14 +90,14 @@ class BiasHead:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+@with_debias_options
 class IRENE(DebiasPlugin):
     """IRENE (thesis sec. 3.5.1). Defaults from the authors' ``train.py``: alpha 0.5 (task-CE weight), gamma 0.2,
     head SGD lr 0.1, momentum 0.9, weight decay 1e-4, one head update per batch (``head_steps`` = 1)."""
 
     def __init__(self, alpha: float = 0.5, gamma: float = 0.2, head_lr: float = 0.1, head_momentum: float = 0.9,
-                 head_weight_decay: float = 1e-4, head_steps: int = 1, selection: str = SELECTION, probe_every: int = PROBE_EVERY,
-                 probe_steps: int = PROBE_STEPS):
-        super().__init__(selection, probe_every, probe_steps)
+                 head_weight_decay: float = 1e-4, head_steps: int = 1, **options):
+        super().__init__(**options)
         if head_steps < 1:
             raise ValueError(f"debias.head_steps={head_steps} is invalid: must be >= 1")
         self.alpha, self.gamma, self.head_steps = alpha, gamma, head_steps

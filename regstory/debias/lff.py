@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
-from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin
+from regstory.debias.base import DebiasPlugin, with_debias_options
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
@@ -59,12 +59,12 @@ def relative_difficulty(ema_biased: Tensor, ema_debiased: Tensor) -> Tensor:
     return ema_biased / (ema_biased + ema_debiased + 1e-8)
 
 
+@with_debias_options
 class LfF(DebiasPlugin):
     """Learning from Failure. Defaults q = 0.7 and EMA alpha = 0.7 (authors' code)."""
 
-    def __init__(self, q: float = 0.7, ema_alpha: float = 0.7, selection: str = SELECTION,
-                 probe_every: int = PROBE_EVERY, probe_steps: int = PROBE_STEPS):
-        super().__init__(selection, probe_every, probe_steps)
+    def __init__(self, q: float = 0.7, ema_alpha: float = 0.7, **options):
+        super().__init__(**options)
         self.q, self.ema_alpha = q, ema_alpha
         self._biased_loss: Tensor | None = None
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from regstory.debias.base import PROBE_EVERY, PROBE_STEPS, SELECTION, DebiasPlugin, collect
+from regstory.debias.base import DebiasPlugin, with_debias_options, collect
 from regstory.debias.irene import BiasHead, mutual_information_proxy, probs_without_head_gradient
 
 if TYPE_CHECKING:
@@ -82,14 +82,14 @@ def alignment_weights(y: Tensor, b_hat: Tensor, num_classes: int) -> Tensor:
     return torch.where(misaligned, 1 / (1 - rho[b_hat]).clamp(min=1e-8), 1 / rho[y].clamp(min=1e-8))
 
 
+@with_debias_options
 class VoronoiMining(DebiasPlugin):
     """Two rounds: vanilla bias inference (round 0), then the re-weighted, information-removing retraining (round 1).
     Defaults: gamma 2 (authors' code), head SGD lr 0.1 / momentum 0.9 / wd 1e-4, one warm-up epoch."""
 
     def __init__(self, gamma: float = 2.0, warmup_epochs: int = 1, head_lr: float = 0.1, head_momentum: float = 0.9,
-                 head_weight_decay: float = 1e-4, selection: str = SELECTION, probe_every: int = PROBE_EVERY,
-                 probe_steps: int = PROBE_STEPS):
-        super().__init__(selection, probe_every, probe_steps)
+                 head_weight_decay: float = 1e-4, **options):
+        super().__init__(**options)
         self.gamma, self.warmup_epochs = gamma, warmup_epochs
         self.head_args = dict(lr=head_lr, momentum=head_momentum, weight_decay=head_weight_decay)
         self.centroids: Tensor | None = None

@@ -19,7 +19,6 @@ stop criterion and the best-validation model (``checkpoints/best.pt``), then pru
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor
 from regstory.checkpoint import save_checkpoint
 from regstory.config import ConfigError
 from regstory.data.device_loader import TensorLoader
-from regstory.plugins import Plugin
+from regstory.plugins import Plugin, with_options_of
 from regstory.pruning.entropy import entropy_summary, neuron_entropies
 from regstory.pruning.masks import MaskSet, prunable_parameters
 from regstory.pruning.phases import describe_phases
@@ -261,11 +260,5 @@ def reinitialise(model: torch.nn.Module, seed: int) -> None:
     load_in_place(model, fresh.state_dict())
 
 
-def with_sweep_options(cls):
-    """Give a subclass whose ``__init__`` takes ``(own options, **common)`` the full explicit signature, so config
-    keys are checked (``regstory.config.check_targets``) against its own and the sweep's options."""
-    own = [p for p in inspect.signature(cls.__init__).parameters.values()
-           if p.name != "self" and p.kind is not p.VAR_KEYWORD]
-    common = [p for p in inspect.signature(PruningSweep.__init__).parameters.values() if p.name != "self"]
-    cls.__signature__ = inspect.Signature([p.replace(kind=p.KEYWORD_ONLY) for p in own + common])
-    return cls
+#: decorator of a pruning method taking ``(own options, **sweep options)``: see :func:`regstory.plugins.with_options_of`
+with_sweep_options = with_options_of(PruningSweep)

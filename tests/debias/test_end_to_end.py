@@ -70,6 +70,26 @@ def test_unknown_debias_option_fails_fast(tmp_path):
         run(make_cfg(*TINY, "debias=end", "+debias.alpah=1"), run_dir=tmp_path)
 
 
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_each_method_takes_its_own_and_the_shared_metric_options_by_name(method):
+    """Subclasses inherit selection/probe_every/probe_steps (with_debias_options): the checked signature lists
+    them, and they reach the base class."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from regstory.debias.base import DebiasPlugin
+
+    cfg = make_cfg(*TINY, f"debias={method}")
+    cls = get_class(cfg.debias._target_)
+    params = inspect.signature(cls).parameters
+    assert {"selection", "probe_every", "probe_steps"} <= set(params) and not any(
+        p.kind is p.VAR_KEYWORD for p in params.values())
+    assert set(params) - {"selection", "probe_every", "probe_steps"} <= set(inspect.signature(cls.__init__).parameters)
+    plugin = cls(selection="last", probe_every=3, probe_steps=7)
+    assert isinstance(plugin, DebiasPlugin) and (plugin.selection, plugin.probe_every, plugin.probe_steps) == ("last", 3, 7)
+
+
 def test_cli_end_with_digits_preset(tmp_path):
     run_cli("experiment=debias_digits_end", "trainer.epochs=1", "dataset.test_colours=1", "dataset.val_colours=1",
             "debias.probe_steps=10", "logger.wandb.mode=disabled", "logger.progress=none", "trainer.num_threads=1",
