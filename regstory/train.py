@@ -332,4 +332,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m regstory.train`: run the importable module's main, so that launchers (joblib, submitit) pickle the
+    # task function by reference; pickled from __main__ it drags torch's module state along and fails
+    from regstory.train import main as importable_main
+
+    importable_main()

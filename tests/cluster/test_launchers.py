@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.cluster.common import TINY
 from tests.conftest import make_cfg, read_jsonl, run_cli
 
@@ -12,10 +14,12 @@ def job_dirs(sweep_dir):
     return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def test_joblib_local_parallel_sweep_runs_two_jobs_with_one_thread_each(tmp_path):
+@pytest.mark.parametrize("module", [False, True], ids=["regstory-run", "python-m"])
+def test_joblib_local_parallel_sweep_runs_two_jobs_with_one_thread_each(tmp_path, module):
+    """Also through ``python -m regstory.train``, whose task function joblib could not pickle from ``__main__``."""
     sweep = tmp_path / "sweep"
     run_cli("-m", "hydra/launcher=local_parallel", *TINY, "trainer.epochs=1", "trainer.num_threads=0", "seed=0,1",
-            f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
+            f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"}, module=module)
     dirs = job_dirs(sweep)
     assert [d.name.split("_")[0] for d in dirs] == ["0", "1"]
     provenance = [json.loads((d / "provenance.json").read_text()) for d in dirs]
