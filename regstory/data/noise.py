@@ -41,9 +41,12 @@ class SymmetricNoise:
             raise ValueError(f"noise.rate must be in [0, 1), got {self.rate}")
 
     def apply(self, split: TensorSplit | DatasetSplit, num_classes: int, run_seed: int):
-        """Return the split with noisy ``y`` (true labels kept as ``true_y``, ``is_noisy`` mask) and the flipped indices."""
+        """Return the split with noisy ``y`` (true labels kept as ``true_y``, ``is_noisy`` mask) and the flipped indices.
+        With no label flipped (``rate=0``) the split comes back as it is: no extras for every batch to carry."""
         seed = run_seed if self.seed is None else self.seed
         noisy, flipped = symmetric_noise(split.y, num_classes, self.rate, seed)
+        if len(flipped) == 0:
+            return split, flipped
         is_noisy = torch.zeros(len(split), dtype=torch.bool)
         is_noisy[flipped] = True
         extras = dict(split.extras, true_y=split.y, is_noisy=is_noisy)

@@ -46,7 +46,7 @@ def add_label_noise(bundle: DataBundle, noise_cfg: DictConfig, seed: int, run_di
 
         pd.DataFrame({
             "index": flipped.numpy(),
-            "true_label": bundle.train.extras["true_y"][flipped].numpy(),
+            "true_label": bundle.train.extras.get("true_y", bundle.train.y)[flipped].numpy(),
             "noisy_label": bundle.train.y[flipped].numpy(),
         }).to_csv(run_dir / "label_noise.csv", index=False)
     return bundle

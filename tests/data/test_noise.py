@@ -59,3 +59,13 @@ def test_validation_split_is_held_out_before_noise_and_stays_clean():
     assert len(bundle.val) + len(bundle.train) == len(full.train)
     assert "is_noisy" not in bundle.val.extras  # validation labels are the true ones
     assert abs(len(bundle.val) / len(full.train) - 0.2) < 0.01
+
+
+def test_without_noise_the_train_split_carries_no_noise_extras_and_the_flip_table_is_empty(tmp_path):
+    """rate=0 flips nothing: batches need not gather true_y/is_noisy every step; label_noise.csv is still written."""
+    import pandas as pd
+
+    bundle = prepare_data(make_cfg("dataset=digits"), tmp_path)
+    assert "true_y" not in bundle.train.extras and "is_noisy" not in bundle.train.extras
+    table = pd.read_csv(tmp_path / "label_noise.csv")
+    assert list(table.columns) == ["index", "true_label", "noisy_label"] and len(table) == 0
