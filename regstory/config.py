@@ -88,7 +88,7 @@ class TrainerConfig:
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     num_workers: int = 4  # DataLoader workers, for large sets read from disk (ImageNet, CelebA)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
-    eval_every: int = 1
+    eval_every: int = 1  # epochs between val/test passes (the last epoch always; debias plugins evaluate every epoch)
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
 
 
