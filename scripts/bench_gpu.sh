@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA benchmarks of issue 8 in one go: ResNet-18 on CIFAR-sized inputs (3x32x32, crop + flip on the device),
 # regstory's loop against the plain DataLoader + .item() baseline, eager and with CUDA graphs
-# (trainer.compile=true trainer.compile_mode=reduce-overhead), then two end-to-end regstory-run pruning runs on the GPU.
+# (trainer.compile=true trainer.compile_mode=reduce-overhead), then two end-to-end regstory-run pruning runs on the GPU,
+# then several seeds of a small MLP at once: stacked (scripts/bench_parallel_seeds.py) and as a joblib sweep of
+# concurrent regstory-run jobs against one job alone (sweeps.txt: wall-clock of each).
 # Each bench prints images/s, the ratio and the fraction of peak bf16 FLOP/s. Results of 2026-11-27 on an H200:
 # docs/bench/h200-2026-11-27/.
 #   bash scripts/bench_gpu.sh [OUT_DIR]      (default outputs/bench_gpu; one .txt per bench)
@@ -37,3 +39,21 @@ bench bf16_cudagraphs_masks_workers8 900 --precision bf16 --workers 8 --repeats 
   --compile-mode reduce-overhead
 e2e e2e trainer.compile=false
 e2e e2e_cudagraphs trainer.compile=true trainer.compile_mode=reduce-overhead
+echo "== several seeds at once: stacked MLPs"
+timeout 300 "$py" scripts/bench_parallel_seeds.py --device cuda --ks 1 4 16 64 --repeats 3 2>&1 | grep -v Warning \
+  | tee "$out/parallel_seeds.txt"
+echo "== several seeds at once: concurrent jobs (hydra/launcher=local_parallel)"
+sweep() {  # sweep K: K seeds of the digits MLP, K jobs at once; prints the wall-clock
+  local k=$1 start
+  start=$(date +%s%N)
+  rm -rf "$out/sweep$k"
+  timeout 600 "$py" -m regstory.train -m hydra/launcher=local_parallel hydra.launcher.n_jobs="$k" \
+    seed="$(seq -s, 0 $((k - 1)))" dataset=digits arch=mlp trainer.device=cuda trainer.epochs=400 \
+    trainer.eval_every=1000 trainer.checkpoint_every=1000 logger.wandb.mode=disabled logger.progress=none \
+    hydra.sweep.dir="$out/sweep$k" >"$out/sweep$k.log" 2>&1
+  echo "$k seeds, $k jobs at once: $(( ($(date +%s%N) - start) / 1000000 )) ms" | tee -a "$out/sweeps.txt"
+}
+rm -f "$out/sweeps.txt"
+sweep 1
+sweep 8
+sweep 16
