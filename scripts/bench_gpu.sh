@@ -2,7 +2,7 @@
 # The CUDA benchmarks of issue 8 in one go: ResNet-18 on CIFAR-sized inputs (3x32x32, crop + flip on the device),
 # regstory's loop against the plain DataLoader + .item() baseline, eager and with CUDA graphs
 # (trainer.compile=true trainer.compile_mode=reduce-overhead), then two end-to-end regstory-run pruning runs on the GPU,
-# then several seeds of a small MLP at once: stacked (scripts/bench_parallel_seeds.py) and as a joblib sweep of
+# then a small MLP eager and with CUDA graphs, then several seeds of it at once: stacked (scripts/bench_parallel_seeds.py) and as a joblib sweep of
 # concurrent regstory-run jobs against one job alone (sweeps.txt: wall-clock of each).
 # Each bench prints images/s, the ratio and the fraction of peak bf16 FLOP/s. Results of 2026-11-27 on an H200:
 # docs/bench/h200-2026-11-27/.
@@ -37,6 +37,12 @@ bench bf16_b512_cudagraphs_workers8 600 --precision bf16 --workers 8 --batch-siz
   --compile-mode reduce-overhead
 bench bf16_cudagraphs_masks_workers8 900 --precision bf16 --workers 8 --repeats 3 --no-floor --compile \
   --compile-mode reduce-overhead
+echo "== small MLP (digits, 64-512-512-10): eager, then CUDA graphs"
+timeout 300 "$py" scripts/bench_train.py --arch mlp --dataset digits --device cuda --repeats 5 --warmup 2 \
+  --peak-flops "$peak" 2>&1 | grep -v Warning | tee "$out/mlp_eager.txt"
+timeout 600 "$py" scripts/bench_train.py --arch mlp --dataset digits --device cuda --repeats 5 --warmup 2 \
+  --peak-flops "$peak" --no-floor --compile --compile-mode reduce-overhead 2>&1 | grep -v Warning \
+  | tee "$out/mlp_cudagraphs.txt"
 e2e e2e trainer.compile=false
 e2e e2e_cudagraphs trainer.compile=true trainer.compile_mode=reduce-overhead
 echo "== several seeds at once: stacked MLPs"
