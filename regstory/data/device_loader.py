@@ -60,6 +60,10 @@ class TensorLoader:
 
     ``channels_last`` stores 4-D inputs (and hands out batches) in channels-last memory format, which is what
     oneDNN (CPU) and cuDNN with tensor cores (GPU) convolve fastest.
+
+    ``loader.split`` holds the inputs as stored (float inputs normalised, integer inputs raw), not the split it was
+    given, so a raw float copy is not kept alive beside the normalised one (on a GPU that doubled the set's memory).
+    Cut further loaders from it with :meth:`subset`, which knows how its inputs are stored.
     """
 
     def __init__(
@@ -88,6 +92,8 @@ class TensorLoader:
         self.std = torch.tensor(std, device=self.device).view(shape) if std is not None else None
         self.memory_format = torch.channels_last if channels_last and split.x.ndim == 4 else None
         self.x = self._stored_inputs(split.x)
+        self.split = TensorSplit(self.x, split.y, split.extras)
+        self.normalisation = (mean, std)
         self.pad_fill = normalize(torch.zeros_like(self.mean), self.mean, self.std) if self.mean is not None else None
         self.round, self.epoch = 0, 0
 
@@ -125,6 +131,15 @@ class TensorLoader:
             if self.drop_last and len(index) < self.batch_size:
                 break
             yield self.make_batch(index, gen)
+
+    def subset(self, index: Tensor, batch_size: int | None = None) -> "TensorLoader":
+        """A plain loader (in order, unaugmented, unsharded) over the samples ``index`` of this split, cut from the
+        stored inputs: normalised float inputs are not normalised again; integer inputs keep the per-batch
+        normalisation."""
+        part = self.split.subset(index.to(self.device))
+        mean, std = self.normalisation if not part.x.is_floating_point() else (None, None)
+        return TensorLoader(part, batch_size or self.batch_size, mean=mean, std=std,
+                            channels_last=self.memory_format is not None)
 
     def in_order(self) -> Iterator[dict[str, Tensor]]:
         """The whole split in storage order, unaugmented and unsharded (for measurements, e.g. class centroids)."""

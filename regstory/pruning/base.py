@@ -188,14 +188,13 @@ class PruningSweep(Plugin):
     def measure_entropy(self, ctx: "RunContext") -> dict[str, float]:
         """Eq. 2.16-2.17 on a fixed, un-augmented subset of the train split (``entropy_samples``; null = all)."""
         if "entropy" not in self.measure_loaders:
-            split = ctx.loaders["train"].split
-            n = len(split)
+            train = ctx.loaders["train"]
+            n = len(train.split)
+            chosen = torch.arange(n)
             if self.entropy_samples and self.entropy_samples < n:
                 gen = torch.Generator().manual_seed(int(ctx.cfg.seed))
                 chosen = torch.randperm(n, generator=gen)[: self.entropy_samples].sort().values
-                split = split.subset(chosen.to(split.x.device))
-            self.measure_loaders["entropy"] = TensorLoader(split, int(ctx.cfg.trainer.eval_batch_size),
-                                                           mean=ctx.data.mean, std=ctx.data.std)
+            self.measure_loaders["entropy"] = train.subset(chosen, int(ctx.cfg.trainer.eval_batch_size))
         return entropy_summary(neuron_entropies(ctx.model, self.measure_loaders["entropy"], self.entropy_zero_is_on))
 
     def keep_best(self, ctx: "RunContext", val_acc: float | None, sparsity: float) -> None:
@@ -211,11 +210,11 @@ class PruningSweep(Plugin):
 
 def noisy_samples_loader(ctx: "RunContext") -> TensorLoader | None:
     """The train samples whose label was flipped by label noise (un-augmented); None when there are none."""
-    split = ctx.loaders["train"].split
-    if "is_noisy" not in split.extras or not bool(split.extras["is_noisy"].any()):
+    train = ctx.loaders["train"]
+    is_noisy = train.split.extras.get("is_noisy")
+    if is_noisy is None or not bool(is_noisy.any()):
         return None
-    noisy = split.subset(torch.nonzero(split.extras["is_noisy"]).flatten())
-    return TensorLoader(noisy, int(ctx.cfg.trainer.eval_batch_size), mean=ctx.data.mean, std=ctx.data.std)
+    return train.subset(torch.nonzero(is_noisy).flatten(), int(ctx.cfg.trainer.eval_batch_size))
 
 
 @torch.no_grad()

@@ -76,3 +76,30 @@ def test_in_order_is_the_whole_split_in_storage_order_unaugmented_on_every_shard
     assert [len(b["y"]) for b in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(10))
     assert torch.equal(torch.cat([b["x"] for b in batches]), make_split().x)
+
+
+def test_the_loader_keeps_only_the_stored_inputs_and_subsets_cut_from_them_are_normalised_once():
+    """The raw float inputs were kept alive beside the normalised copy (2x a set's memory on a GPU)."""
+    import gc
+    import weakref
+
+    raw = torch.arange(40.0).view(10, 1, 2, 2)
+    raw_ref = weakref.ref(raw)
+    loader = TensorLoader(TensorSplit(raw, torch.arange(10), {"bias": torch.arange(10) % 2}), batch_size=4,
+                          shuffle=True, mean=(1.0,), std=(2.0,))
+    expected = (raw - 1) / 2
+    del raw
+    gc.collect()
+    assert raw_ref() is None and loader.split.x is loader.x
+    sub = loader.subset(torch.tensor([7, 2, 5]), batch_size=2)
+    batches = list(sub)
+    assert [len(b["y"]) for b in batches] == [2, 1]
+    assert torch.equal(torch.cat([b["x"] for b in batches]), expected[[7, 2, 5]])
+    assert torch.equal(torch.cat([b["bias"] for b in batches]), torch.tensor([1, 0, 1]))
+
+
+def test_subsets_of_integer_inputs_keep_the_per_batch_normalisation():
+    raw = torch.arange(40, dtype=torch.uint8).view(10, 1, 2, 2)
+    loader = TensorLoader(TensorSplit(raw, torch.arange(10)), batch_size=4, mean=(1.0,), std=(2.0,))
+    (batch,) = list(loader.subset(torch.tensor([3, 4])))
+    assert torch.equal(batch["x"], (raw[[3, 4]].float() - 1) / 2)
