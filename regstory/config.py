@@ -90,6 +90,10 @@ class TrainerConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
     eval_every: int = 1  # epochs between val/test passes (the last epoch always; debias plugins evaluate every epoch)
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    # and at least this many seconds of wall time between two mid-round checkpoints (0: every checkpoint_every
+    # epochs). A round's last epoch and a preemption always write one. A checkpoint after every epoch cost a small
+    # MLP ~5% of its run; a ResNet-18 pruning checkpoint (180 MB) takes ~0.5 s, about a fast GPU epoch
+    checkpoint_interval_s: float = 30.0
 
 
 @dataclass
@@ -183,6 +187,7 @@ def check_values(cfg: DictConfig) -> None:
         (t.num_workers >= 0, "trainer.num_workers", t.num_workers, "an integer >= 0"),
         (t.eval_every >= 1, "trainer.eval_every", t.eval_every, "an integer >= 1"),
         (t.checkpoint_every >= 1, "trainer.checkpoint_every", t.checkpoint_every, "an integer >= 1"),
+        (t.checkpoint_interval_s >= 0, "trainer.checkpoint_interval_s", t.checkpoint_interval_s, "a number >= 0"),
         (t.compile_mode in COMPILE_MODES, "trainer.compile_mode", t.compile_mode, f"one of {', '.join(COMPILE_MODES)}"),
         (0 <= cfg.dataset.get("val_fraction", 0.0) < 1, "dataset.val_fraction", cfg.dataset.get("val_fraction"), "in [0, 1)"),
     ]

@@ -311,6 +311,8 @@ def fit(ctx: RunContext, start: dict[str, Any] | None = None) -> list[dict[str, 
     start = start or {"round": 0, "epoch": 0, "round_started": False}
     rounds: list[dict[str, Any]] = []
     n_rounds = num_rounds(ctx.plugins)
+    every, interval = int(ctx.cfg.trainer.checkpoint_every), float(ctx.cfg.trainer.checkpoint_interval_s)
+    last_saved = time.monotonic()
     for ctx.round in range(start["round"], n_rounds):
         resuming_mid_round = ctx.round == start["round"] and start["round_started"]
         if not resuming_mid_round:
@@ -325,8 +327,10 @@ def fit(ctx: RunContext, start: dict[str, Any] | None = None) -> list[dict[str, 
             ctx.logger.log_epoch(record)
             last = ctx.epoch + 1 == ctx.epochs
             preempted = ctx.preemption is not None and ctx.preemption.requested  # read once: a collective in DDP
-            if last or preempted or (ctx.epoch + 1) % int(ctx.cfg.trainer.checkpoint_every) == 0:
+            due = (ctx.epoch + 1) % every == 0 and time.monotonic() - last_saved >= interval
+            if last or preempted or due:
                 save(ctx, ctx.round, ctx.epoch + 1, round_started=True)
+                last_saved = time.monotonic()
             if preempted:
                 raise ctx.preemption.preempted(ctx.run_dir, ctx.round, ctx.epoch + 1)
         round_record = {"round": ctx.round, **{k: v for k, v in ctx.history[-1].items() if k not in ("round", "epoch")}}

@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(1)
 
-# Fast defaults for tests: no W&B, no progress output, one thread.
-FAST = ["logger.wandb.mode=disabled", "logger.progress=none", "trainer.num_threads=1"]
+# Fast defaults for tests: no W&B, no progress output, one thread; a checkpoint at every epoch boundary (what the
+# kill/resume tests assume; the default's 30 s minimum interval is tested on its own).
+FAST = ["logger.wandb.mode=disabled", "logger.progress=none", "trainer.num_threads=1", "trainer.checkpoint_interval_s=0"]
 
 
 @pytest.fixture(autouse=True, scope="session")

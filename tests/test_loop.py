@@ -93,3 +93,47 @@ def test_schedules_follow_the_config():
     assert lrs == [1.0, 1.0, 0.1, 0.1, 0.010000000000000002, 0.010000000000000002]
     cfg = make_cfg("trainer.optimizer=adamw", "trainer.schedule=cosine", "trainer.epochs=4")
     assert isinstance(build_optimizer(model, cfg.trainer), torch.optim.AdamW)
+
+
+def _saved_positions(monkeypatch, clock_step_s: float) -> list:
+    """Positions of the checkpoints a run writes, with the loop's clock advancing ``clock_step_s`` per reading."""
+    import time
+    from types import SimpleNamespace
+
+    import regstory.loop as loop
+
+    saved, now = [], [0.0]
+
+    def fake_monotonic():
+        now[0] += clock_step_s
+        return now[0]
+
+    real_save = loop.save
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=fake_monotonic, perf_counter=time.perf_counter))
+    monkeypatch.setattr(loop, "save", lambda ctx, r, e, round_started, finished=False: (
+        saved.append((r, e, round_started)), real_save(ctx, r, e, round_started, finished)))
+    return saved
+
+
+def test_mid_round_checkpoints_are_at_least_checkpoint_interval_s_apart(tmp_path, monkeypatch):
+    """Each clock reading advances 20 s: with a 30 s interval a checkpoint is due every second epoch; a round's last
+    epoch and its end always write one."""
+    saved = _saved_positions(monkeypatch, 20.0)
+    run(make_cfg("dataset=digits", "trainer.epochs=6", "trainer.checkpoint_interval_s=30"), run_dir=tmp_path)
+    assert saved == [(0, 2, True), (0, 4, True), (0, 6, True), (1, 0, False)]
+
+
+def test_a_fast_run_checkpoints_only_at_round_ends_by_default(tmp_path, monkeypatch):
+    """The 30 s default: a small model's epoch takes ~0.1 s, and a checkpoint after each cost ~5% of the run."""
+    saved = _saved_positions(monkeypatch, 0.001)
+    cfg = make_cfg("logger.wandb.mode=disabled", "logger.progress=none", "trainer.num_threads=1", "dataset=digits",
+                   "trainer.epochs=4", "method=imp", "method.rounds=1", fast=False)
+    assert cfg.trainer.checkpoint_interval_s == 30
+    run(cfg, run_dir=tmp_path)
+    assert saved == [(0, 4, True), (1, 0, False), (1, 4, True), (2, 0, False)]
+
+
+def test_checkpoint_interval_zero_checkpoints_every_epoch(tmp_path, monkeypatch):
+    saved = _saved_positions(monkeypatch, 0.001)
+    run(make_cfg("dataset=digits", "trainer.epochs=3", "trainer.checkpoint_interval_s=0"), run_dir=tmp_path)
+    assert saved == [(0, 1, True), (0, 2, True), (0, 3, True), (1, 0, False)]
