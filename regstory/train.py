@@ -22,7 +22,7 @@ from regstory import distributed
 from regstory.loop import NonFiniteLossError, RunContext, fit, uses_grad_scaler
 from regstory.models.base import count_parameters
 from regstory.plugins import Plugin
-from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption
+from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption, in_requeued_job
 from regstory.registry import UnknownNameError
 from regstory.tracking import METRICS_FILE, ROUNDS_FILE, RunLogger, read_jsonl
 from regstory.utils import atomic_write_json, seed_everything, set_rng_states
@@ -183,11 +183,18 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
         run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = None
     ckpt_path = run_dir / "checkpoints" / LAST
-    if auto_resume(cfg.resume, ckpt_path):
-        if not ckpt_path.exists():
-            raise CheckpointError(f"resume=true but there is no checkpoint at '{ckpt_path}'; "
-                                  f"pass the run's folder with hydra.run.dir=<run dir> resume=true")
+    killed_early = (run_dir / METRICS_FILE).exists() and not ckpt_path.exists()
+    resuming = auto_resume(cfg.resume, ckpt_path) or (in_requeued_job() and killed_early)
+    if resuming and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+    elif resuming and (killed_early or not main_process):  # rank 0 checks and clears; the other ranks follow
+        if main_process:
+            log.warning("%s holds a run killed before its first checkpoint (trainer.checkpoint_interval_s): "
+                        "starting it over", run_dir)
+            discard_logs(run_dir)
+    elif resuming:
+        raise CheckpointError(f"resume=true but there is no checkpoint at '{ckpt_path}'; "
+                              f"pass the run's folder with hydra.run.dir=<run dir> resume=true")
     else:
         refuse_to_overwrite(run_dir)
 
@@ -242,6 +249,13 @@ def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch
     if uses_grad_scaler(cfg.trainer):
         ctx.scaler = torch.amp.GradScaler(device.type)
     return ctx
+
+
+def discard_logs(run_dir: Path) -> None:
+    """Remove the metric files of a run that is started over (it wrote epochs but was killed before any checkpoint;
+    the same epochs are written again)."""
+    for name in (METRICS_FILE, ROUNDS_FILE):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def refuse_to_overwrite(run_dir: Path) -> None:

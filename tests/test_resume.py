@@ -56,6 +56,26 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path):
         run(make_cfg("dataset=digits", "resume=true"), run_dir=tmp_path)
 
 
+@pytest.mark.parametrize("how", ["resume=true", "requeued"])
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, monkeypatch, how):
+    """With the 30 s checkpoint interval a fast run can write epochs before any checkpoint. Resuming it (or a SLURM
+    requeue, which passes resume=false) starts it over instead of refusing: 'no checkpoint' / 'dir already taken'."""
+    slow = ["trainer.checkpoint_interval_s=3600", "trainer.epochs=3"]
+    full = run(make_cfg(*OVERRIDES, *slow), run_dir=tmp_path / "full")
+    crashing = make_cfg(*OVERRIDES, *slow)
+    crashing.method = OmegaConf.create({"_target_": "tests.test_resume.CrashAtEpoch", "epoch": 2})
+    with pytest.raises(Killed):
+        run(crashing, run_dir=tmp_path / "killed")
+    assert len(read_jsonl(tmp_path / "killed/metrics.jsonl")) == 2
+    assert not (tmp_path / "killed/checkpoints/last.pt").exists()
+    if how == "requeued":
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    resumed = run(make_cfg(*OVERRIDES, *slow, "resume=true" if how == "resume=true" else "resume=false"),
+                  run_dir=tmp_path / "killed")
+    assert strip_times(read_jsonl(tmp_path / "killed/metrics.jsonl")) == strip_times(read_jsonl(tmp_path / "full/metrics.jsonl"))
+    assert resumed["final_test_acc"] == full["final_test_acc"]
+
+
 def test_fp16_run_checkpoints_its_grad_scaler_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """The fp16 path (autocast, GradScaler, foreach SGD) needs CUDA in real runs; here it runs on CPU, where
     ``check_precision`` would refuse it for speed alone."""
