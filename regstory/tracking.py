@@ -34,7 +34,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class JsonlWriter:
-    """Append-only JSON-lines file; each line is flushed and fsynced (a kill loses at most the line in flight)."""
+    """Append-only JSON-lines file. Each line is flushed, so a killed process loses at most the line in flight;
+    :meth:`sync` makes the lines durable against a machine crash, and runs before a checkpoint records the counts."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -55,8 +56,14 @@ class JsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+
+    def sync(self) -> None:
+        if self.path.exists():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 class WandbRun:
@@ -139,6 +146,9 @@ class RunLogger:
         self.wandb = WandbRun(logger_cfg.wandb, run_dir, flat_config, wandb_id, group) if enabled else None
 
     def positions(self) -> dict[str, int]:
+        """Line counts for a checkpoint, after making those lines durable (the checkpoint must not point past them)."""
+        self.metrics.sync()
+        self.rounds.sync()
         return {"metrics_lines": self.metrics.count(), "rounds_lines": self.rounds.count()}
 
     def rewind_to(self, positions: dict[str, int]) -> None:

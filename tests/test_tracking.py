@@ -47,3 +47,24 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise(monkeypatch, 
     assert bar.mode is Progress.bar
     wrapped = bar.wrap(range(3), 3, "epoch 1")
     assert type(wrapped).__name__ != "range_iterator" and list(wrapped) == [0, 1, 2]
+
+
+def test_metric_lines_are_made_durable_when_a_checkpoint_records_them_not_per_line(tmp_path, monkeypatch):
+    """One fsync per epoch line cost small models ~1.6 ms an epoch; the lines only need to be on disk before a
+    checkpoint points at them."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from regstory.tracking import RunLogger
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    cfg = OmegaConf.create({"progress": "none", "wandb": {"mode": "disabled"}})
+    logger = RunLogger(tmp_path, cfg, {}, None, None)
+    for epoch in range(3):
+        logger.log_epoch({"epoch": epoch})
+    assert synced == []
+    assert logger.positions() == {"metrics_lines": 3, "rounds_lines": 0}
+    assert synced == [str(tmp_path / "metrics.jsonl")]
