@@ -26,6 +26,9 @@ class LeanSGD(torch.optim.SGD):
     or sparse gradient, an unfused group, a tensor learning rate, a group that mixes devices or dtypes, a
     GradScaler's ``grad_scale``/``found_inf``, a registered step hook, an active profiler, or a torch without
     ``_fused_sgd_``.
+
+    ``zero_grad()`` likewise drops the gradients without ``Optimizer.zero_grad``'s profiler range and per-group
+    bookkeeping (~11 us against ~1 us a step here); with ``set_to_none=False`` or under a profiler it is torch's.
     """
 
     def __init__(self, params: Any, **kwargs: Any):
@@ -40,6 +43,13 @@ class LeanSGD(torch.optim.SGD):
 
     # Optimizer.__init__ wraps an unwrapped ``step`` in its profiler range and hooks: the cost skipped here.
     step.hooked = True  # type: ignore[attr-defined]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none or getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
+            return super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def _direct_step(self) -> bool:
         """Apply the fused update to every group and return True, or change nothing and return False."""

@@ -100,3 +100,16 @@ def test_state_dict_round_trip_continues_identically():
     reloaded.step()
     for a, b in zip(ref, lean):
         assert torch.equal(a, b)
+
+
+def test_zero_grad_drops_gradients_without_torchs_bookkeeping_and_keeps_set_to_none_false(monkeypatch):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = LeanSGD([w], lr=0.1, momentum=0.9)
+    w.grad = torch.full((3,), 2.0)
+    calls = []
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad", lambda self, set_to_none=True: calls.append(set_to_none))
+    opt.zero_grad()
+    assert w.grad is None and calls == []
+    w.grad = torch.full((3,), 2.0)
+    opt.zero_grad(set_to_none=False)
+    assert calls == [False]  # zeroing in place is torch's
