@@ -41,7 +41,8 @@ def test_unknown_option_lists_available_ones():
 
 
 @pytest.mark.parametrize("override, key", [("trainer.epochs=-1", "trainer.epochs"), ("noise.rate=1.5", "noise.rate"),
-                                           ("trainer.lr=0", "trainer.lr"), ("dataset.val_fraction=1.2", "val_fraction")])
+                                           ("trainer.lr=0", "trainer.lr"), ("dataset.val_fraction=1.2", "val_fraction"),
+                                           ("trainer.checkpoint_interval_s=-1", "trainer.checkpoint_interval_s")])
 def test_out_of_range_values_name_the_key(override, key):
     from regstory.config import ConfigError
 
