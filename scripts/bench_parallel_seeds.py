@@ -3,9 +3,9 @@
 
 In ONE process, for k = 1, 2, 4, ...: (a) **sequential**: k independent MLPs (default 40-512-512-10, the MNIST-1D
 net), each trained for one epoch the way regstory's loop trains it (data on the device, fused SGD with momentum,
-no per-step host sync), through the same code as (b) with a stack of one; (b) **stacked**: the same k models held as ``[k, out, in]`` weights and trained together,
-one ``baddbmm`` per layer, the loss the sum of the k per-seed mean cross-entropies (so each seed's gradient is its
-own). Both see the same batches and start from the same weights, and the script first checks that after a few steps
+no per-step host sync), through the same code as (b) with a stack of one; (b) **stacked**: the same k models held
+as ``[k, out, in]`` weights and trained together, one ``baddbmm`` per layer, the loss the sum of the k per-seed mean
+cross-entropies (so each seed's gradient is its own). Both see the same batches and start from the same weights, and the script first checks that after a few steps
 the stacked weights equal the sequential ones. It prints model-epochs/s for each and their ratio.
 
     python scripts/bench_parallel_seeds.py                      # CPU, 1 thread
