@@ -45,7 +45,7 @@ from hydra.utils import instantiate  # noqa: E402
 from regstory.config import register_configs  # noqa: E402
 from regstory.data.base import Augment, DataBundle, TensorSplit  # noqa: E402
 from regstory.data.prepare import prepare_data  # noqa: E402
-from regstory.loop import HookCaller, RunContext, run_epoch  # noqa: E402
+from regstory.loop import HookCaller, RunContext, run_epoch, save  # noqa: E402
 from regstory.pruning.base import reinitialise  # noqa: E402
 from regstory.tracking import RunLogger  # noqa: E402
 from regstory.train import build_context, check_precision, conf_dir, configure_torch, resolve_device  # noqa: E402
@@ -279,15 +279,17 @@ def pruned_context(args: argparse.Namespace, bundle: DataBundle, init_model: nn.
 
 def pruning_variants(args: argparse.Namespace, bundle: DataBundle, init_model: nn.Module,
                      tmp: Path) -> tuple[dict[str, Callable[[], None]], str]:
-    """regstory's loop with a pruning method's masks active, and one activation-entropy measurement (eq. 2.16-2.17)
-    when the method has ``measure_entropy(ctx)`` (regstory.pruning measures it once per round)."""
+    """regstory's loop with a pruning method's masks active, one checkpoint write of that run (model, optimizer,
+    masks, rewind point), and one activation-entropy measurement (eq. 2.16-2.17) when the method has
+    ``measure_entropy(ctx)`` (regstory.pruning measures it once per round)."""
     if args.no_masks:
         return {}, "masks: not timed (--no-masks)"
     try:
         ctx = pruned_context(args, bundle, init_model, tmp / "masks")
     except Exception as err:  # an API this bench cannot drive: say so, time the rest
         return {}, f"masks: n/a ({type(err).__name__}: {err})"
-    variants: dict[str, Callable[[], None]] = {"regstory+masks": regstory_epoch(ctx)}
+    variants: dict[str, Callable[[], None]] = {"regstory+masks": regstory_epoch(ctx),
+                                               "checkpoint (1 write)": lambda: save(ctx, 1, 0, round_started=True)}
     measure = next((p.measure_entropy for p in ctx.plugins if hasattr(p, "measure_entropy")), None)
     if measure is None:
         return variants, f"entropy: n/a (method={args.mask_method} has no measure_entropy)"
@@ -373,7 +375,7 @@ def report(args: argparse.Namespace, medians: dict[str, float], note: str, n: in
           f"workers={args.workers} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
     for name, sec in medians.items():
-        if name.startswith("entropy"):
+        if name.startswith(("entropy", "checkpoint")):
             print(f"{name:>18s}: {sec * 1e3:9.1f} ms")
         else:
             print(f"{name:>18s}: {sec * 1e3:9.1f} ms/epoch  {n / sec:11.0f} images/s")
@@ -395,6 +397,10 @@ def report(args: argparse.Namespace, medians: dict[str, float], note: str, n: in
         result["masks_cost"] = medians["regstory+masks"] / reg - 1.0
         print(f"{'masks cost':>18s}: {result['masks_cost'] * 100:+.1f}% of a regstory step "
               f"(method={args.mask_method}, after one pruning round)")
+    if "checkpoint (1 write)" in medians:
+        result["checkpoint_epoch_cost"] = medians["checkpoint (1 write)"] / medians["regstory+masks"]
+        print(f"{'checkpoint cost':>18s}: {result['checkpoint_epoch_cost'] * 100:.1f}% of a masked epoch per write "
+              f"(what a write after every epoch costs; regstory writes at most every trainer.checkpoint_interval_s)")
     if "entropy (1 call)" in medians:
         step = reg / -(-n // args.batch_size)
         per_round = medians["entropy (1 call)"] / (reg * args.round_epochs)

@@ -67,7 +67,8 @@ def test_mask_and_entropy_costs_are_timed_through_the_plugin_hooks(bench, capsys
                          "--mask-override", "method._target_=tests.test_speed_bench.FakePruner"])
     out = capsys.readouterr().out
     assert {"regstory+masks_s", "entropy (1 call)_s", "masks_cost", "entropy_steps"} <= set(result)
-    assert "masks cost" in out and "entropy cost" in out
+    assert "masks cost" in out and "entropy cost" in out and "checkpoint cost" in out
+    assert result["checkpoint_epoch_cost"] > 0  # one write of that run's checkpoint, against a masked epoch
 
 
 def test_a_method_without_entropy_is_reported_as_such(bench, capsys):
