@@ -225,13 +225,12 @@ def memorization(model: torch.nn.Module, noisy: TensorLoader | None) -> dict[str
         return {}
     was_training = model.training
     model.eval()
-    fit_noisy, fit_true = torch.zeros((), dtype=torch.long, device=noisy.device), 0
+    hits = torch.zeros(2, dtype=torch.long, device=noisy.device)  # predicted as the noisy label, as the true one
     for batch in noisy:
         pred = model(batch["x"]).argmax(1)
-        fit_noisy = fit_noisy + (pred == batch["y"]).sum()
-        fit_true = fit_true + (pred == batch["true_y"]).sum()
+        hits += torch.stack([(pred == batch["y"]).sum(), (pred == batch["true_y"]).sum()])
     model.train(was_training)
-    fit_noisy, fit_true = (torch.stack([fit_noisy, fit_true]).double() / len(noisy.split)).tolist()
+    fit_noisy, fit_true = (hits.double() / len(noisy.split)).tolist()
     return {"noisy_memorized": fit_noisy, "noisy_true_label_acc": fit_true}
 
 
