@@ -8,6 +8,10 @@ import torch
 import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 
+def _profiling() -> bool:
+    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
+
+
 #: torch's SGD.step with the usual profiler range and step hooks around it (the path every non-lean step takes)
 _TORCH_STEP = torch_optimizer.Optimizer.profile_hook_step(inspect.unwrap(torch.optim.SGD.step))
 
@@ -45,7 +49,7 @@ class LeanSGD(torch.optim.SGD):
     step.hooked = True  # type: ignore[attr-defined]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if not set_to_none or getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
+        if not set_to_none or _profiling():
             return super().zero_grad(set_to_none)
         for group in self.param_groups:
             for p in group["params"]:
@@ -80,7 +84,7 @@ class LeanSGD(torch.optim.SGD):
         return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                     or getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
                     or getattr(torch_optimizer, "_global_optimizer_post_hooks", None)
-                    or getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
+                    or _profiling())
 
     def _one_device_and_dtype(self, group: dict) -> bool:
         params = group["params"]
