@@ -171,13 +171,19 @@ def baseline_epoch(model: nn.Module, bundle: DataBundle, args: argparse.Namespac
 
 
 def floor_epoch(model: nn.Module, bundle: DataBundle, args: argparse.Namespace, device: torch.device,
-                amp_dtype: torch.dtype | None) -> Callable[[], None]:
+                amp_dtype: torch.dtype | None, update: bool = False) -> Callable[[], None]:
     """A lower bound, not a training loop: forward + loss + backward on contiguous slices of one input tensor
-    (no shuffle, no augmentation, no optimizer step, no metrics). What autograd alone costs for this model."""
+    (no shuffle, no augmentation, no metrics). What autograd alone costs for this model. The gradients are dropped
+    after each backward (as every loop's ``zero_grad`` does), so no step pays for accumulating into old ones.
+
+    ``update=True`` adds the one thing every training loop must also do: the SGD-with-momentum update, as torch's
+    fused kernel called directly (no optimizer object around it). That is the floor of *training* this model."""
     x = bundle.train.x.to(device)
     if args.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     y = bundle.train.y.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    apply_update = sgd_update(params, args) if update else None
     model.train()
 
     def epoch() -> None:
@@ -185,8 +191,30 @@ def floor_epoch(model: nn.Module, bundle: DataBundle, args: argparse.Namespace, 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = F.cross_entropy(model(x[start:start + args.batch_size]), y[start:start + args.batch_size])
             loss.backward()
+            if apply_update is not None:
+                apply_update()
+            for p in params:
+                p.grad = None
 
     return epoch
+
+
+def sgd_update(params: list[torch.Tensor], args: argparse.Namespace) -> Callable[[], None]:
+    """v <- m v + g, w <- w - lr v on every parameter at once (torch's fused kernel, else its foreach ops)."""
+    bufs = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def update() -> None:
+        grads = [p.grad for p in params]
+        if hasattr(torch, "_fused_sgd_"):
+            torch._fused_sgd_(params, grads, bufs, weight_decay=0.0, momentum=args.momentum, lr=args.lr,
+                              dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+        else:
+            torch._foreach_mul_(bufs, args.momentum)
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-args.lr)
+
+    return update
 
 
 def vmapped_seeds_epoch(init_model: nn.Module, bundle: DataBundle, args: argparse.Namespace,
@@ -356,6 +384,8 @@ def build_variants(args: argparse.Namespace, cfg, bundle: DataBundle, init_model
         if args.channels_last:
             floor_model = floor_model.to(memory_format=torch.channels_last)
         variants["floor (fwd+bwd)"] = floor_epoch(floor_model, bundle, args, device, amp_dtype)
+        variants["floor+update"] = floor_epoch(copy.deepcopy(floor_model), bundle, args, device, amp_dtype,
+                                               update=True)
     ctx = build_regstory_context(cfg, bundle, copy.deepcopy(init_model).to(device), tmp / "plain")
     variants["regstory"] = regstory_epoch(ctx)
     if args.parallel_seeds:
@@ -387,6 +417,14 @@ def report(args: argparse.Namespace, medians: dict[str, float], note: str, n: in
         if "floor (fwd+bwd)" in medians:
             bound = medians["baseline"] / medians["floor (fwd+bwd)"]
             print(f"{'bound':>18s}: {bound:.2f}x  (a loop with no cost besides forward+backward)")
+            result["bound"] = bound
+        if "floor+update" in medians:
+            result["train_bound"] = medians["baseline"] / medians["floor+update"]
+            print(f"{'training bound':>18s}: {result['train_bound']:.2f}x  (forward+backward+SGD update, nothing else: "
+                  f"the most any training loop can reach)")
+    if "floor+update" in medians:
+        result["over_train_floor"] = reg / medians["floor+update"]
+        print(f"{'regstory/floor':>18s}: {result['over_train_floor']:.2f}x  (regstory epoch / floor+update epoch)")
     if args.parallel_seeds:
         k = args.parallel_seeds
         per_model = medians[f"vmap x{k}"] / k

@@ -23,9 +23,13 @@ def test_bench_times_baseline_regstory_and_floor(bench, capsys):
     result = bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--num-train", "192", "--batch-size", "64",
                          "--repeats", "1", "--warmup", "0", "--threads", "1", "--parallel-seeds", "2"])
     out = capsys.readouterr().out
-    assert {"baseline_s", "regstory_s", "floor (fwd+bwd)_s", "vmap x2_s", "speedup", "parallel_seeds_gain"} <= set(result)
+    assert {"baseline_s", "regstory_s", "floor (fwd+bwd)_s", "floor+update_s", "vmap x2_s", "speedup",
+            "parallel_seeds_gain"} <= set(result)
     assert result["speedup"] == pytest.approx(result["baseline_s"] / result["regstory_s"])
-    for label in ("baseline:", "regstory:", "speedup:", "images/s", "GFLOP/s"):
+    assert result["bound"] == pytest.approx(result["baseline_s"] / result["floor (fwd+bwd)_s"])
+    assert result["train_bound"] == pytest.approx(result["baseline_s"] / result["floor+update_s"])
+    assert result["over_train_floor"] == pytest.approx(result["regstory_s"] / result["floor+update_s"])
+    for label in ("baseline:", "regstory:", "speedup:", "training bound:", "images/s", "GFLOP/s"):
         assert label in out
     assert "masks cost" in out
 
@@ -103,3 +107,34 @@ def test_parallel_seeds_bench_checks_stacked_equals_sequential_and_reports_each_
     diff = float(out.split("max |diff| = ")[1].split()[0])
     moved = float(out.split("weights moved by up to ")[1].rstrip(")\n").split(")")[0])
     assert diff < 1e-6 < moved
+
+
+def test_floor_update_is_sgd_with_momentum_and_floor_leaves_no_gradients(bench):
+    """The training floor's update is v <- m v + g, w <- w - lr v (checked against torch.optim.SGD over three
+    steps); both floors drop the gradients after each backward, as a loop's zero_grad does."""
+    args = bench.parse_args(["--lr", "0.1", "--momentum", "0.9", "--batch-size", "4"])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    update = bench.sgd_update(list(model.parameters()), args)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        x = torch.randn(4, 3)
+        for net in (model, reference):
+            net.zero_grad(set_to_none=True)
+            net(x).square().sum().backward()
+        update()
+        sgd.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+    bundle = bench.synthetic_bundle("synthetic28", 8)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    before = [p.detach().clone() for p in net.parameters()]
+    bench.floor_epoch(net, bundle, args, torch.device("cpu"), None)()
+    assert all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))  # the plain floor does not train
+    bench.floor_epoch(net, bundle, args, torch.device("cpu"), None, update=True)()
+    assert all(p.grad is None for p in net.parameters())
+    assert not all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
