@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from regstory.checkpoint import LAST, save_checkpoint
 from regstory.data.base import DataBundle
-from regstory.plugins import Plugin, StepOutput
+from regstory.plugins import Plugin, StepOutput, overrides
 from regstory.optim import LeanSGD
 from regstory.tracking import RunLogger
 from regstory.utils import rng_states
@@ -142,10 +142,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, trainer: DictConfig, sched
     return SCHEDULES[str(schedule or trainer.schedule)](optimizer, trainer)
 
 
-def _overrides(plugin: Plugin, hook: str) -> bool:
-    return getattr(type(plugin), hook) is not getattr(Plugin, hook)
-
-
 class HookCaller:
     """Calls a hook only on the plugins that override it (keeps the per-step cost of unused hooks at zero).
 
@@ -157,7 +153,7 @@ class HookCaller:
 
     def __init__(self, plugins: list[Plugin]):
         self.plugins = plugins
-        self.by_hook = {h: [p for p in plugins if _overrides(p, h)] for h in self.STEP_HOOKS}
+        self.by_hook = {h: [p for p in plugins if overrides(p, h)] for h in self.STEP_HOOKS}
         self.task_loss, self.extra_loss, self.after_backward, self.after_step = (
             self.by_hook[h] for h in self.STEP_HOOKS)
         self.needs_features = any(p.needs_features for p in plugins)

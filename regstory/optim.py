@@ -8,6 +8,9 @@ import torch
 import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 
+from regstory.kernels import masked_sgd_kernel
+
+
 def _profiling() -> bool:
     return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
 
@@ -33,30 +36,58 @@ class LeanSGD(torch.optim.SGD):
 
     ``zero_grad()`` likewise drops the gradients without ``Optimizer.zero_grad``'s profiler range and per-group
     bookkeeping (~11 us against ~1 us a step here); with ``set_to_none=False`` or under a profiler it is torch's.
+
+    ``mask_gradients_in_step(params, masks)`` lets pruning hand its gradient masks to the next ``step`` instead of
+    multiplying the gradients itself: on CPU the step then runs :mod:`regstory.kernels`' masked SGD kernel on those
+    parameters, one pass over memory instead of two. Every other path of the step multiplies the gradients by the
+    masks first, so the update is the same whichever path runs, up to the last bit of some entries (torch's kernel
+    fuses some multiply-adds). Pruned weights stay exactly zero on every path.
     """
 
     def __init__(self, params: Any, **kwargs: Any):
         kwargs.setdefault("fused", True)
         super().__init__(params, **kwargs)
         self._uniform: dict[int, tuple[list[Tensor], bool]] = {}
+        self._pending_masks: tuple[list[Tensor], list[Tensor]] | None = None
+        self._mask_cache: dict[int, tuple[list[Tensor], list[Tensor], list[Tensor | None] | None]] = {}
+        self._kernel: Any = False  # the masked kernel, None where there is none; False: not looked up yet
 
     def step(self, closure=None):
-        if closure is None and self._direct_step():
+        pending, self._pending_masks = self._pending_masks, None
+        if closure is None and self._direct_step(pending):
             return None
+        if pending is not None:
+            mask_gradients(*pending)
         return _TORCH_STEP(self, closure)
 
     # Optimizer.__init__ wraps an unwrapped ``step`` in its profiler range and hooks: the cost skipped here.
     step.hooked = True  # type: ignore[attr-defined]
 
+    def mask_gradients_in_step(self, params: list[Tensor], masks: list[Tensor]) -> bool:
+        """Multiply these parameters' gradients by ``masks`` as part of the next ``step`` (or of the ``zero_grad``
+        that drops them). Returns False, changing nothing, when there is no kernel to fuse it into (not a CPU model,
+        no compiler): the caller then multiplies the gradients itself. The lists must stay the same objects while
+        the masks do (the step caches its lookup on them)."""
+        if not params or params[0].device.type != "cpu":
+            return False
+        if self._kernel is False:
+            self._kernel = masked_sgd_kernel()  # looked up (and built, the first time on a machine) once
+        if self._kernel is None:
+            return False
+        self._pending_masks = (params, masks)
+        return True
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._pending_masks = None  # their gradients are going
         if not set_to_none or _profiling():
             return super().zero_grad(set_to_none)
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
 
-    def _direct_step(self) -> bool:
-        """Apply the fused update to every group and return True, or change nothing and return False."""
+    def _direct_step(self, pending: tuple[list[Tensor], list[Tensor]] | None = None) -> bool:
+        """Apply the fused update to every group and return True, or change nothing and return False. A group
+        with pending gradient masks goes through the masked kernel, the others through torch's fused kernel."""
         if not hasattr(torch, "_fused_sgd_") or self._scaler_attached() or self._hooks_or_profiler():
             return False
         work = []
@@ -70,12 +101,33 @@ class LeanSGD(torch.optim.SGD):
             bufs = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else []
             if any(b is None for b in bufs):
                 return False
-            work.append((group, params, grads, bufs))
-        for group, params, grads, bufs in work:
+            masks = self._aligned_masks(group, pending) if pending is not None else None
+            if masks is not None and (group["momentum"] == 0 or group["maximize"]):
+                return False
+            work.append((group, params, grads, bufs, masks))
+        for group, params, grads, bufs, masks in work:
+            if masks is not None:
+                if self._kernel(params, grads, bufs, masks, group["lr"], group["momentum"], group["dampening"],
+                                group["weight_decay"], group["nesterov"]):
+                    continue
+                mask_gradients(*zip(*((p, m) for p, m in zip(params, masks) if m is not None)))  # kernel refused
             torch._fused_sgd_(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
                               lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
                               maximize=group["maximize"], is_first_step=False)
         return True
+
+    def _aligned_masks(self, group: dict, pending: tuple[list[Tensor], list[Tensor]]) -> list[Tensor | None] | None:
+        """The pending mask of each of the group's parameters (None: unmasked), or None when none is masked.
+        Cached on the identity of the group's parameter list and of the mask list."""
+        params, masks = pending
+        key = id(group)
+        cached = self._mask_cache.get(key)
+        if cached is None or cached[0] is not group["params"] or cached[1] is not masks:
+            mask_of = {id(p): m for p, m in zip(params, masks)}
+            aligned = [mask_of.get(id(p)) for p in group["params"]]
+            cached = (group["params"], masks, aligned if any(m is not None for m in aligned) else None)
+            self._mask_cache[key] = cached
+        return cached[2]
 
     def _scaler_attached(self) -> bool:
         return getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
@@ -93,3 +145,12 @@ class LeanSGD(torch.optim.SGD):
             cached = (params, len({(p.device, p.dtype) for p in params}) <= 1)
             self._uniform[id(group)] = cached
         return cached[1]
+
+
+@torch.no_grad()
+def mask_gradients(params: list[Tensor], masks: list[Tensor]) -> None:
+    """Multiply each parameter's gradient by its 0/1 mask in place (parameters without a gradient are skipped)."""
+    pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
+    if pairs:
+        grads, kept = zip(*pairs)
+        torch._foreach_mul_(list(grads), list(kept))

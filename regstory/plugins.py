@@ -101,6 +101,20 @@ class Plugin:
         pass
 
 
+def overrides(plugin: Plugin, hook: str) -> bool:
+    """True when ``plugin``'s class implements ``hook`` instead of inheriting :class:`Plugin`'s no-op."""
+    return getattr(type(plugin), hook) is not getattr(Plugin, hook)
+
+
+def edits_gradients_last(plugin: Plugin, ctx: "RunContext") -> bool:
+    """True when nothing reads the gradients between ``plugin.after_backward`` and the optimizer step: it is the
+    last plugin with that hook, and the trainer does not clip gradients (``trainer.grad_clip``). False for a
+    context without plugins or trainer config (a plugin driven by hand, as in unit tests)."""
+    trainer = getattr(getattr(ctx, "cfg", None), "trainer", None)
+    editors = [p for p in getattr(ctx, "plugins", []) if overrides(p, "after_backward")]
+    return trainer is not None and bool(editors) and editors[-1] is plugin and not trainer.grad_clip
+
+
 def with_options_of(base: type) -> Callable[[type], type]:
     """Class decorator for a subclass whose ``__init__`` takes ``(own options, **options)`` and hands ``options`` to
     ``base``: gives the class the full explicit signature (its own keywords, then ``base``'s), so config keys are

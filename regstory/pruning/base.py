@@ -27,7 +27,7 @@ from torch import Tensor
 from regstory.checkpoint import save_checkpoint
 from regstory.config import ConfigError
 from regstory.data.device_loader import TensorLoader
-from regstory.plugins import Plugin, with_options_of
+from regstory.plugins import Plugin, edits_gradients_last, with_options_of
 from regstory.pruning.entropy import entropy_summary, neuron_entropies
 from regstory.pruning.masks import MaskSet, prunable_parameters
 from regstory.pruning.phases import describe_phases
@@ -72,6 +72,7 @@ class PruningSweep(Plugin):
         self.stop_average, self.phase_metric, self.phase_tol = stop_average, phase_metric, phase_tol
         self.remask_after_step = remask_after_step
         self.masks: MaskSet | None = None
+        self.fuse_grad_masks = False  # hand the gradient masks to the optimizer's step (set in setup)
         self.measure_loaders: dict[str, TensorLoader | None] = {}  # fixed subsets, built at the first measurement
         self.rewind_state: dict[str, Tensor] | None = None
         self.best: dict[str, Any] = {}
@@ -79,6 +80,7 @@ class PruningSweep(Plugin):
     # -- set-up and state -----------------------------------------------------------------------------------------
     def setup(self, ctx: "RunContext") -> None:
         self.masks = MaskSet(prunable_parameters(ctx.model, **self.mask_options))
+        self.fuse_grad_masks = edits_gradients_last(self, ctx)
         if not self.masks.names:
             raise ConfigError("pruning: the model has no prunable conv/linear tensors with these method options")
         if self.retrain == "rewind" and self.rewind_epoch == 0:
@@ -105,7 +107,8 @@ class PruningSweep(Plugin):
 
     # -- pinning (every step) -------------------------------------------------------------------------------------
     def after_backward(self, ctx: "RunContext") -> None:
-        self.masks.zero_grads()
+        """Zero the pruned weights' gradients; where nothing reads them before the step, as part of the step."""
+        self.masks.zero_grads(ctx.optimizer if self.fuse_grad_masks else None)
 
     def after_step(self, ctx: "RunContext") -> None:
         """Re-mask the weights. With zeroed gradients and optimizer state SGD, Adam and AdamW leave pruned weights at

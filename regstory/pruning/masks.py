@@ -5,6 +5,8 @@ re-multiplying in the forward pass: gradients of pruned entries are zeroed after
 and Adam moments of a pruned entry never become non-zero) and the weights are re-masked after the optimizer step
 (a safety net, e.g. against decoupled weight decay). Both use ``torch._foreach_mul_`` over the tensors that have pruned entries
 (none while the model is dense), which keeps the per-step cost to two element-wise passes (measured by ``scripts/bench_masks.py``).
+Given an optimizer that can fuse the gradient pass into its update (:class:`regstory.optim.LeanSGD` on CPU),
+``zero_grads`` hands it the masks instead, and the step reads the gradients once.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from regstory.optim import mask_gradients
 
 PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
@@ -57,24 +61,33 @@ class MaskSet:
         # same memory layout as each parameter (channels_last conv weights too), so in-place products stay vectorised
         self.masks = [torch.ones_like(p).detach() for p in self.params]
         self._sparse: list[int] = []  # indices of tensors with at least one pruned entry (the only ones pinned)
+        self._sparse_params: list[Tensor] = []
+        self._sparse_masks: list[Tensor] = []
 
     def _refresh(self) -> None:
         self._sparse = [i for i, m in enumerate(self.masks) if not bool(m.all())]
+        self._sparse_params = [self.params[i] for i in self._sparse]
+        self._sparse_masks = [self.masks[i] for i in self._sparse]
 
     # -- pinning -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def apply_to_weights(self) -> None:
         """Zero the pruned weights in place."""
         if self._sparse:
-            torch._foreach_mul_([self.params[i] for i in self._sparse], [self.masks[i] for i in self._sparse])
+            torch._foreach_mul_(self._sparse_params, self._sparse_masks)
 
     @torch.no_grad()
-    def zero_grads(self) -> None:
-        """Zero the gradients of pruned weights in place (call after backward, before the optimizer step)."""
-        pairs = [(self.params[i].grad, self.masks[i]) for i in self._sparse if self.params[i].grad is not None]
-        if pairs:
-            grads, masks = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(masks))
+    def zero_grads(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero the gradients of pruned weights in place (call after backward, before the optimizer step).
+
+        With an ``optimizer`` that has ``mask_gradients_in_step`` and accepts, the masks go to its next step
+        instead, which applies them as part of the update: pass one only when nothing reads the gradients between
+        this call and ``optimizer.step()``."""
+        if not self._sparse:
+            return
+        fuse = getattr(optimizer, "mask_gradients_in_step", None)
+        if fuse is None or not fuse(self._sparse_params, self._sparse_masks):
+            mask_gradients(self._sparse_params, self._sparse_masks)
 
     @torch.no_grad()
     def zero_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:

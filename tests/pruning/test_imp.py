@@ -216,3 +216,53 @@ def test_a_fine_tuning_round_resumed_mid_round_keeps_its_constant_lr(tmp_path):
         run(killed, run_dir=tmp_path)
     run(make_cfg(*FINETUNE, "resume=true"), run_dir=tmp_path)
     assert [(r["round"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == FINETUNE_LRS
+
+
+def _count_masked_kernel_calls(monkeypatch) -> list[int]:
+    import regstory.optim as optim_module
+
+    calls: list[int] = []
+    real = optim_module.masked_sgd_kernel()
+    if real is None:
+        pytest.skip("no masked SGD kernel here (no C++ compiler)")
+    monkeypatch.setattr(optim_module, "masked_sgd_kernel", lambda: lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_pruned_steps_mask_gradients_inside_the_sgd_step_with_the_same_results(tmp_path, monkeypatch):
+    """IMP on CPU hands its masks to LeanSGD's step (one pass, regstory.kernels); the rounds match a run that masks
+    the gradients in a separate pass (REGSTORY_NO_KERNELS=1) up to float rounding, and pruned weights stay 0."""
+    args = ("dataset=digits", "method=imp", "method.rounds=1", "method.rate=0.5", "trainer.epochs=2")
+    calls = _count_masked_kernel_calls(monkeypatch)
+    run(make_cfg(*args), run_dir=tmp_path / "fused")
+    assert len(calls) > 0
+    monkeypatch.setenv("REGSTORY_NO_KERNELS", "1")
+    run(make_cfg(*args), run_dir=tmp_path / "two_pass")
+    fused, two_pass = (read_jsonl(tmp_path / d / "rounds.jsonl") for d in ("fused", "two_pass"))
+    assert [r["sparsity"] for r in fused] == [r["sparsity"] for r in two_pass]
+    assert [r["train_loss"] for r in fused] == pytest.approx([r["train_loss"] for r in two_pass], rel=1e-4)
+    ckpt = load_checkpoint(tmp_path / "fused" / "checkpoints" / "last.pt")
+    for name, mask in ckpt["plugins"][0]["masks"].items():
+        assert torch.all(ckpt["model"][name][~mask] == 0)
+
+
+@pytest.mark.parametrize("reader", ["grad_clip", "later_plugin"])
+def test_masks_stay_a_separate_pass_when_something_reads_the_gradients_before_the_step(tmp_path, monkeypatch, reader):
+    """Gradient clipping, or a later plugin's after_backward, must see masked gradients."""
+    seen = []
+
+    class GradientReader(Plugin):
+        def after_backward(self, ctx):
+            seen.append(all(bool(torch.all(p.grad[m == 0] == 0)) for p, m in
+                            zip(ctx.plugins[0].masks.params, ctx.plugins[0].masks.masks)))
+
+    if reader == "later_plugin":
+        monkeypatch.setattr("regstory.train.build_plugins",
+                            lambda cfg, _real=__import__("regstory.train").train.build_plugins: [*_real(cfg), GradientReader()])
+    calls = _count_masked_kernel_calls(monkeypatch)
+    extra = ["trainer.grad_clip=1.0"] if reader == "grad_clip" else []
+    run(make_cfg("dataset=digits", "method=imp", "method.rounds=1", "method.rate=0.5", "trainer.epochs=1", *extra),
+        run_dir=tmp_path)
+    assert calls == []
+    if reader == "later_plugin":
+        assert seen and all(seen)
