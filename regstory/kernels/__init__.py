@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,14 @@ def masked_sgd_kernel() -> Callable | None:
     return _built["masked_sgd"]
 
 
+def extension_name(stem: str) -> str:
+    """The cache name of a build: one per torch version, since a kernel built against one libtorch may not load
+    (or may misbehave) under another, and torch's cache is keyed by name and sources only."""
+    import torch
+
+    return f"{stem}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}"
+
+
 def _build_masked_sgd() -> Callable | None:
     try:
         quiet = logging.getLogger("torch.utils.cpp_extension")
@@ -47,7 +56,7 @@ def _build_masked_sgd() -> Callable | None:
             quiet.setLevel(level)
 
         log.info("regstory: building the masked SGD kernel (once per machine, ~20 s)")
-        module = load(name="regstory_masked_sgd", sources=[str(_SOURCE)],
+        module = load(name=extension_name("regstory_masked_sgd"), sources=[str(_SOURCE)],
                       extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
         return module.masked_sgd_
     except Exception as err:  # no compiler, no ninja, a read-only cache: the two-pass path still works

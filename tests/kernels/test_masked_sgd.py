@@ -103,3 +103,9 @@ def test_a_failed_build_warns_once_and_gives_none(monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not be built .*Ninja is required.*REGSTORY_NO_KERNELS"):
         assert kernels.masked_sgd_kernel() is None
     assert kernels.masked_sgd_kernel() is None  # not retried, no second warning
+
+
+def test_each_torch_version_gets_its_own_build(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
+    assert kernels.extension_name("regstory_masked_sgd") == "regstory_masked_sgd_torch2_14_1_cu130"
+    assert kernels.extension_name("regstory_masked_sgd").isidentifier()
