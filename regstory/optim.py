@@ -110,7 +110,8 @@ class LeanSGD(torch.optim.SGD):
                 if self._kernel(params, grads, bufs, masks, group["lr"], group["momentum"], group["dampening"],
                                 group["weight_decay"], group["nesterov"]):
                     continue
-                mask_gradients(*zip(*((p, m) for p, m in zip(params, masks) if m is not None)))  # kernel refused
+                masked = [(p, m) for p, m in zip(params, masks) if m is not None]  # the kernel refused them
+                mask_gradients([p for p, _ in masked], [m for _, m in masked])
             torch._fused_sgd_(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
                               lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
                               maximize=group["maximize"], is_first_step=False)

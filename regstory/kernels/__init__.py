@@ -4,7 +4,7 @@
 (thesis sec. 2.2.2.1, parameter pinning) fused into the SGD-with-momentum update, so a pruned model's step reads
 its gradients once instead of twice. It is built once per machine into torch's extension cache (~20 s, needs a
 C++ compiler and ninja) and reused by every later run. Where it cannot be built, or with ``REGSTORY_NO_KERNELS=1``,
-it is None and callers keep the two-pass path, which gives the same numbers.
+it is None and callers keep the two-pass path: the same update, up to the last bit of some entries.
 """
 from __future__ import annotations
 
@@ -62,6 +62,6 @@ def _build_masked_sgd() -> Callable | None:
     except Exception as err:  # no compiler, no ninja, a read-only cache: the two-pass path still works
         warnings.warn(f"regstory: the masked SGD kernel could not be built ({type(err).__name__}: "
                       f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); pruned models mask their "
-                      f"gradients in a separate pass instead (same numbers, ~4% slower steps on a small CPU model). "
+                      f"gradients in a separate pass instead (the same update, ~4% slower steps on a small CPU model). "
                       f"Set REGSTORY_NO_KERNELS=1 to skip the build.", RuntimeWarning, stacklevel=3)
         return None
