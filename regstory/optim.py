@@ -68,10 +68,8 @@ class LeanSGD(torch.optim.SGD):
         that drops them). Returns False, changing nothing, when there is no kernel to fuse it into (not a CPU model,
         no compiler): the caller then multiplies the gradients itself. The lists must stay the same objects while
         the masks do (the step caches its lookup on them)."""
-        if not params or params[0].device.type != "cpu":
-            return False
-        if self._kernel is False:
-            self._kernel = masked_sgd_kernel()  # looked up (and built, the first time on a machine) once
+        if self._kernel is False:  # first call: is there a kernel for these parameters?
+            self._kernel = masked_sgd_kernel() if masked_step_possible(params) else None
         if self._kernel is None:
             return False
         self._pending_masks = (params, masks)
@@ -146,6 +144,13 @@ class LeanSGD(torch.optim.SGD):
             cached = (params, len({(p.device, p.dtype) for p in params}) <= 1)
             self._uniform[id(group)] = cached
         return cached[1]
+
+
+def masked_step_possible(params: list[Tensor]) -> bool:
+    """Whether LeanSGD can apply gradient masks inside its step for these parameters: they are on the CPU and the
+    masked kernel exists. Looks the kernel up, building it the first time on a machine (~20 s): pruning calls this
+    at set-up, so the build does not land in a training epoch's time."""
+    return bool(params) and params[0].device.type == "cpu" and masked_sgd_kernel() is not None
 
 
 @torch.no_grad()

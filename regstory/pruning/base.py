@@ -27,6 +27,7 @@ from torch import Tensor
 from regstory.checkpoint import save_checkpoint
 from regstory.config import ConfigError
 from regstory.data.device_loader import TensorLoader
+from regstory.optim import masked_step_possible
 from regstory.plugins import Plugin, edits_gradients_last, with_options_of
 from regstory.pruning.entropy import entropy_summary, neuron_entropies
 from regstory.pruning.masks import MaskSet, prunable_parameters
@@ -81,6 +82,8 @@ class PruningSweep(Plugin):
     def setup(self, ctx: "RunContext") -> None:
         self.masks = MaskSet(prunable_parameters(ctx.model, **self.mask_options))
         self.fuse_grad_masks = edits_gradients_last(self, ctx)
+        if self.fuse_grad_masks and ctx.cfg.trainer.optimizer == "sgd":
+            masked_step_possible(self.masks.params)  # builds the kernel now (once per machine), not in an epoch
         if not self.masks.names:
             raise ConfigError("pruning: the model has no prunable conv/linear tensors with these method options")
         if self.retrain == "rewind" and self.rewind_epoch == 0:

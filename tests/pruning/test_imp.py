@@ -266,3 +266,15 @@ def test_masks_stay_a_separate_pass_when_something_reads_the_gradients_before_th
     assert calls == []
     if reader == "later_plugin":
         assert seen and all(seen)
+
+
+@pytest.mark.parametrize("optimizer,builds", [("sgd", 1), ("adam", 0)])
+def test_the_masked_kernel_is_built_at_setup_not_inside_an_epoch(tmp_path, monkeypatch, optimizer, builds):
+    """A first build takes ~20 s: it must not land in a training epoch's time_s (and is skipped for Adam)."""
+    events = []
+    monkeypatch.setattr("regstory.pruning.base.masked_step_possible", lambda params: events.append("build") or False)
+    monkeypatch.setattr(IMP, "start_epoch", lambda self, ctx: events.append("epoch"), raising=False)
+    run(make_cfg("dataset=digits", "method=imp", "method.rounds=1", "trainer.epochs=1",
+                 f"trainer.optimizer={optimizer}"), run_dir=tmp_path)
+    assert events.count("build") == builds and events.count("epoch") == 2
+    assert events[:builds] == ["build"] * builds
