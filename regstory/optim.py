@@ -75,6 +75,11 @@ class LeanSGD(torch.optim.SGD):
         self._pending_masks = (params, masks)
         return True
 
+    @property
+    def takes_gradient_masks(self) -> bool:
+        """True once ``mask_gradients_in_step`` has accepted masks (the masked kernel runs in this optimizer's steps)."""
+        return callable(self._kernel)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._pending_masks = None  # their gradients are going
         if not set_to_none or _profiling():

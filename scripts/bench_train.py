@@ -316,13 +316,18 @@ def pruning_variants(args: argparse.Namespace, bundle: DataBundle, init_model: n
         ctx = pruned_context(args, bundle, init_model, tmp / "masks")
     except Exception as err:  # an API this bench cannot drive: say so, time the rest
         return {}, f"masks: n/a ({type(err).__name__}: {err})"
-    variants: dict[str, Callable[[], None]] = {"regstory+masks": regstory_epoch(ctx),
+    masked_epoch = regstory_epoch(ctx)
+    masked_epoch()  # one masked epoch shows which path the masks take
+    in_step = getattr(ctx.optimizer, "takes_gradient_masks", False)
+    notes = ["masks inside the SGD step (regstory.kernels)" if in_step else "masks in a separate gradient pass"]
+    variants: dict[str, Callable[[], None]] = {"regstory+masks": masked_epoch,
                                                "checkpoint (1 write)": lambda: save(ctx, 1, 0, round_started=True)}
     measure = next((p.measure_entropy for p in ctx.plugins if hasattr(p, "measure_entropy")), None)
     if measure is None:
-        return variants, f"entropy: n/a (method={args.mask_method} has no measure_entropy)"
-    variants["entropy (1 call)"] = lambda: measure(ctx)
-    return variants, ""
+        notes.append(f"entropy: n/a (method={args.mask_method} has no measure_entropy)")
+    else:
+        variants["entropy (1 call)"] = lambda: measure(ctx)
+    return variants, "; ".join(notes)
 
 
 # ------------------------------------------------------------------------------------------------------- main

@@ -138,3 +138,17 @@ def test_floor_update_is_sgd_with_momentum_and_floor_leaves_no_gradients(bench):
     bench.floor_epoch(net, bundle, args, torch.device("cpu"), None, update=True)()
     assert all(p.grad is None for p in net.parameters())
     assert not all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+@pytest.mark.parametrize("no_kernels", ["0", "1"])
+def test_bench_says_which_path_the_masks_take(bench, capsys, monkeypatch, no_kernels):
+    from regstory import kernels
+
+    monkeypatch.setenv("REGSTORY_NO_KERNELS", no_kernels)
+    if no_kernels == "0" and kernels.masked_sgd_kernel() is None:
+        pytest.skip("no masked SGD kernel here (no C++ compiler)")
+    bench.main(["--arch", "mlp", "--dataset", "synthetic28", "--num-train", "128", "--batch-size", "64",
+                "--repeats", "1", "--warmup", "0", "--no-baseline", "--no-floor"])
+    out = capsys.readouterr().out
+    expected = "masks inside the SGD step" if no_kernels == "0" else "masks in a separate gradient pass"
+    assert expected in out
