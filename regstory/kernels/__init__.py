@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -55,9 +56,12 @@ def _build_masked_sgd() -> Callable | None:
         finally:
             quiet.setLevel(level)
 
-        log.info("regstory: building the masked SGD kernel (once per machine, ~20 s)")
+        log.info("regstory: loading the masked SGD kernel (the first time on a machine it is built: ~20 s)")
+        start = time.perf_counter()
         module = load(name=extension_name("regstory_masked_sgd"), sources=[str(_SOURCE)],
                       extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+        if time.perf_counter() - start > 2:
+            log.info("regstory: masked SGD kernel built in %.0f s (cached for later runs)", time.perf_counter() - start)
         return module.masked_sgd_
     except Exception as err:  # no compiler, no ninja, a read-only cache: the two-pass path still works
         warnings.warn(f"regstory: the masked SGD kernel could not be built ({type(err).__name__}: "
