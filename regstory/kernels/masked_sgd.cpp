@@ -75,18 +75,10 @@ void update_tensor(const at::Tensor& w, const at::Tensor& g, const at::Tensor& v
   }
   auto iter = config.build();
   iter.for_each([&](char** data, const int64_t* strides, int64_t count) {
-    const int ntensors = masked ? 4 : 3;
-    bool contiguous = true;
-    for (int k = 0; k < ntensors; ++k) contiguous = contiguous && strides[k] == sizeof(float);
-    if (contiguous) {
-      update_chunk(data, count, masked, h);
-      return;
+    for (int k = 0; k < (masked ? 4 : 3); ++k) {
+      TORCH_INTERNAL_ASSERT(strides[k] == sizeof(float), "masked_sgd_: flat operands must stay contiguous");
     }
-    for (int64_t i = 0; i < count; ++i) {  // not expected for flat arrays, kept for safety
-      char* at_i[4] = {data[0] + i * strides[0], data[1] + i * strides[1], data[2] + i * strides[2],
-                       masked ? data[3] + i * strides[3] : nullptr};
-      update_chunk(at_i, 1, masked, h);
-    }
+    update_chunk(data, count, masked, h);
   });
 }
 

@@ -81,9 +81,6 @@ class PruningSweep(Plugin):
     # -- set-up and state -----------------------------------------------------------------------------------------
     def setup(self, ctx: "RunContext") -> None:
         self.masks = MaskSet(prunable_parameters(ctx.model, **self.mask_options))
-        self.fuse_grad_masks = edits_gradients_last(self, ctx)
-        if self.fuse_grad_masks and ctx.cfg.trainer.optimizer == "sgd":
-            masked_step_possible(self.masks.params)  # builds the kernel now (once per machine), not in an epoch
         if not self.masks.names:
             raise ConfigError("pruning: the model has no prunable conv/linear tensors with these method options")
         if self.retrain == "rewind" and self.rewind_epoch == 0:
@@ -93,6 +90,9 @@ class PruningSweep(Plugin):
         if self.stop.mode != "none" and "val" not in ctx.loaders:
             raise ConfigError(f"method.stop={self.stop.mode} judges accuracy on a clean validation split: "
                               f"set dataset.val_fraction > 0 (e.g. dataset.val_fraction=0.1)")
+        self.fuse_grad_masks = edits_gradients_last(self, ctx)
+        if self.fuse_grad_masks and ctx.cfg.trainer.optimizer == "sgd":
+            masked_step_possible(self.masks.params)  # builds the kernel now (once per machine), not in an epoch
 
     def num_rounds(self) -> int:
         return self.rounds + 1
