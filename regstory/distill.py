@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from regstory.checkpoint import load_checkpoint, save_checkpoint
 from regstory.config import ConfigError
+from regstory.options import Range, option
 from regstory.plugins import Plugin, StepOutput
 
 if TYPE_CHECKING:
@@ -33,24 +34,27 @@ TEACHER = "teacher.pt"
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, y: Tensor, alpha: float, temperature: float,
-                      ce: Tensor | None = None) -> Tensor:
-    """a * T^2 * KL(p_t^T || p_s^T) + (1 - a) * CE(student, y), batch means (Hinton et al. 2015). ``ce``: the batch's
-    mean CE when already computed (the loop's ``per_sample_loss``)."""
+                      ce: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """a * T^2 * KL(p_t^T || p_s^T) + (1 - a) * CE(student, y) (Hinton et al. 2015), per sample
+    (``reduction="none"``) or its batch mean. ``ce``: the per-sample CE when already computed (the loop's
+    ``per_sample_loss``)."""
     t = temperature
     kl = F.kl_div(F.log_softmax(student.float() / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
-                  reduction="batchmean", log_target=True)
+                  reduction="none", log_target=True).sum(1)
     if ce is None:
-        ce = F.cross_entropy(student.float(), y)
-    return alpha * t * t * kl + (1 - alpha) * ce
+        ce = F.cross_entropy(student.float(), y, reduction="none")
+    per_sample = alpha * t * t * kl + (1 - alpha) * ce
+    return per_sample if reduction == "none" else per_sample.mean()
 
 
+@option("distill", "kd", extra={"_recursive_": (bool, False)})  # teacher_arch is built by the plugin, not by Hydra
 class Distillation(Plugin):
+    """``teacher``: a regstory checkpoint (its "model") or a state dict; null trains it first in this run for
+    ``teacher_epochs`` (null: trainer.epochs). ``teacher_arch``: an arch option as a dict; null: the student's."""
+
     def __init__(self, teacher: str | None = None, teacher_arch: dict[str, Any] | None = None,
-                 alpha: float = 0.8, temperature: float = 10.0, teacher_epochs: int | None = None):
-        if not 0 <= alpha <= 1:
-            raise ConfigError(f"distill.alpha={alpha} is invalid: must be in [0, 1]")
-        if temperature <= 0:
-            raise ConfigError(f"distill.temperature={temperature} is invalid: must be > 0")
+                 alpha: Annotated[float, Range(ge=0, le=1)] = 0.8, temperature: Annotated[float, Range(gt=0)] = 10.0,
+                 teacher_epochs: Annotated[int | None, Range(ge=1)] = None):
         self.teacher_path, self.teacher_arch = teacher, teacher_arch
         self.alpha, self.temperature, self.teacher_epochs = alpha, temperature, teacher_epochs
         self.teacher: nn.Module | None = None
@@ -94,8 +98,9 @@ class Distillation(Plugin):
             log.info("teacher epoch %d/%d: train_loss=%.4f train_acc=%.4f", epoch + 1, epochs,
                      metrics["train_loss"], metrics["train_acc"])
 
-    def task_loss(self, ctx: "RunContext", batch: dict[str, Tensor], out: StepOutput) -> Tensor:
+    def sample_loss(self, ctx: "RunContext", batch: dict[str, Tensor], out: StepOutput) -> Tensor:
+        """The per-sample distillation loss replaces the cross-entropy (other plugins' sample weights apply to it)."""
         with torch.no_grad():
             teacher_logits = self.teacher(batch["x"])
         return distillation_loss(out.logits, teacher_logits, batch["y"], self.alpha, self.temperature,
-                                 ce=out.per_sample_loss.mean())
+                                 ce=out.per_sample_loss, reduction="none")

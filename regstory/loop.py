@@ -5,6 +5,7 @@ It knows no method by name: pruning, debiasing and distillation plug in through 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from regstory.activations import ActivationRecorder
 from regstory.checkpoint import LAST, save_checkpoint
 from regstory.data.base import DataBundle
+from regstory.freezing import NeuronFreezer
 from regstory.plugins import Plugin, StepOutput, overrides
 from regstory.optim import LeanSGD
+from regstory.surgery import ModelChange, structure_of
 from regstory.tracking import RunLogger
 from regstory.utils import rng_states
 
@@ -54,6 +58,13 @@ class RunContext:
     started_at: float = field(default_factory=time.perf_counter)
     wall_before: float = 0.0  # wall time spent by earlier (killed) processes of a resumed run
     optimizer_overrides: dict[str, Any] = field(default_factory=dict)  # the round's lr/schedule, kept in checkpoints
+    #: builds the training wrapper (compile / DDP) around a model; None: train the bare model
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    architecture_changed: bool = False  # a surgery replaced the model: checkpoints record its structure
+    #: per-neuron freezing through optimizer steps (NEq): ``ctx.freezer.freeze(param, rows, bias)``
+    freezer: NeuronFreezer | None = None
+    #: the step's activations for plugins that ask for them (``Plugin.activation_sites``); None when none does
+    activations: ActivationRecorder | None = None
 
     @property
     def wall_time_s(self) -> float:
@@ -87,6 +98,80 @@ class RunContext:
         self.optimizer_overrides = {"lr": lr, "schedule": schedule}
         self.optimizer = build_optimizer(self.model, self.cfg.trainer, lr)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.trainer, schedule)
+
+    # -- engine services --------------------------------------------------------------------------------------------
+    def enforce_pins(self, after: Plugin | None = None) -> None:
+        """Re-apply every plugin's pinned weights (pruning masks), except those of ``after`` (the plugin whose
+        hook just ran owns its weights' state during its own hook)."""
+        for p in self.plugins:
+            if p is not after:
+                pinned = p.pinned_weights()
+                if pinned is not None:
+                    pinned.apply_to_weights()
+
+    def call(self, hook: str, *args: Any) -> list[Any]:
+        """Call ``hook`` on every plugin in order, re-applying the other plugins' pinned weights after each one that
+        implements it. Returns the plugins' results."""
+        results = []
+        for p in self.plugins:
+            results.append(getattr(p, hook)(self, *args))
+            if overrides(p, hook):
+                self.enforce_pins(after=p)
+        return results
+
+    def replace_model(self, new_model: nn.Module, change: ModelChange) -> None:
+        """Model surgery: train ``new_model`` from now on. It is moved to the run's device and memory layout and
+        re-wrapped (compile / DDP); the optimizer state of every parameter with a source in ``change`` is carried
+        over (restricted to the kept indices) and the others start fresh; the learning-rate schedule stays where
+        it is; then every plugin's :meth:`~regstory.plugins.Plugin.model_replaced` moves its own state, and pinned
+        weights are re-applied. Call it between steps (from any hook but the per-step ones)."""
+        new_model = place_model(new_model, self.device, bool(self.cfg.trainer.channels_last))
+        old_model, old_optimizer, old_scheduler = self.model, self.optimizer, self.scheduler
+        self.model = new_model
+        self.forward_model = self.wrap(new_model) if self.wrap is not None else None
+        if old_optimizer is not None:
+            lr, schedule = self.optimizer_overrides.get("lr"), self.optimizer_overrides.get("schedule")
+            self.optimizer = build_optimizer(new_model, self.cfg.trainer, lr)
+            carry_optimizer_state(old_optimizer, old_model, self.optimizer, new_model, change)
+            self.scheduler = build_scheduler(self.optimizer, self.cfg.trainer, schedule)
+            if old_scheduler is not None:
+                self.scheduler.load_state_dict(old_scheduler.state_dict())
+        self.architecture_changed = True
+        if self.freezer is not None:
+            self.freezer.model = new_model
+            self.freezer.remap(keep={name: index[0] for name, (_, index) in change.sources.items()
+                                     if index and index[0] is not None})
+        if self.activations is not None:
+            self.activations.model = new_model
+        for p in self.plugins:
+            p.model_replaced(self, change)
+        self.enforce_pins()
+
+
+def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """The model on ``device``, with NHWC conv weights when ``channels_last``."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+@torch.no_grad()
+def carry_optimizer_state(old: torch.optim.Optimizer, old_model: nn.Module, new: torch.optim.Optimizer,
+                          new_model: nn.Module, change: ModelChange) -> None:
+    """Copy per-parameter optimizer state (momentum, Adam moments, step counts) from ``old`` to ``new`` for the
+    parameters that survive a surgery, restricted to the kept indices; and each param group's current lr."""
+    old_params = dict(old_model.named_parameters())
+    for name, param in new_model.named_parameters():
+        source = change.sources.get(name)
+        old_param = old_params.get(source[0]) if source is not None else None
+        state = old.state.get(old_param) if old_param is not None else None
+        if not state:
+            continue
+        new.state[param] = {k: (change.carry(name, v).clone() if torch.is_tensor(v) and v.shape == old_param.shape
+                                else v.clone() if torch.is_tensor(v) else copy.copy(v)) for k, v in state.items()}
+    for new_group, old_group in zip(new.param_groups, old.param_groups):
+        for key in ("lr", "initial_lr"):
+            if key in old_group:
+                new_group[key] = old_group[key]
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -149,13 +234,16 @@ class HookCaller:
     attributes (``hooks.after_step``) so the loop reads them without a dict lookup.
     """
 
-    STEP_HOOKS = ("task_loss", "extra_loss", "after_backward", "after_step")
+    STEP_HOOKS = ("sample_loss", "sample_weights", "extra_loss", "after_backward", "after_step")
 
     def __init__(self, plugins: list[Plugin]):
         self.plugins = plugins
         self.by_hook = {h: [p for p in plugins if overrides(p, h)] for h in self.STEP_HOOKS}
-        self.task_loss, self.extra_loss, self.after_backward, self.after_step = (
+        self.sample_loss, self.sample_weights, self.extra_loss, self.after_backward, self.after_step = (
             self.by_hook[h] for h in self.STEP_HOOKS)
+        #: for each plugin with an ``after_step``, whether other plugins' pinned weights must be re-applied after it
+        self.pins_after_step = [any(q is not p and q.pinned_weights() is not None for q in plugins)
+                                for p in self.after_step]
         self.needs_features = any(p.needs_features for p in plugins)
         self.evaluates = any(p.evaluates for p in plugins)
 
@@ -164,14 +252,20 @@ class HookCaller:
 
 
 def compute_loss(ctx: RunContext, hooks: HookCaller, batch: dict[str, Tensor], out: StepOutput) -> tuple[Tensor, dict]:
-    """Task loss (mean CE unless a plugin replaces it) plus every plugin's named extra terms."""
-    loss = None
-    for p in hooks.task_loss:
-        loss = p.task_loss(ctx, batch, out)
-        if loss is not None:
-            break
-    if loss is None:
-        loss = out.per_sample_loss.mean()
+    """mean(w * l) plus every plugin's named extra terms: l is the per-sample CE unless a plugin replaces it
+    (``sample_loss``, one plugin at most), w the product of the plugins' ``sample_weights`` (1 without any)."""
+    per_sample = out.per_sample_loss
+    for p in hooks.sample_loss:
+        replaced = p.sample_loss(ctx, batch, out)
+        if replaced is not None:
+            per_sample = replaced
+    out.sample_loss = per_sample
+    weight = None
+    for p in hooks.sample_weights:
+        w = p.sample_weights(ctx, batch, out)
+        if w is not None:
+            weight = w if weight is None else weight * w
+    loss = per_sample.mean() if weight is None else (weight * per_sample).mean()
     terms: dict[str, Tensor] = {}
     for p in hooks.extra_loss:
         for name, value in p.extra_loss(ctx, batch, out).items():
@@ -197,19 +291,26 @@ def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[s
     accuracy and loss terms are summed in device tensors and read once at the end of the epoch, so on a GPU the
     host queues steps ahead of the device. Config values are read once per epoch, not per step.
     """
-    net, scaler = ctx.net, ctx.scaler
-    net.train()
+    scaler = ctx.scaler
+    ctx.net.train()
     autocast = ctx.autocast()  # one context object, entered once per step
     grad_clip = ctx.cfg.trainer.grad_clip
-    clip_params = [p for p in ctx.model.parameters() if p.requires_grad] if grad_clip else []
-    after_backward, after_step, needs_features = hooks.after_backward, hooks.after_step, hooks.needs_features
+    clipped: tuple[nn.Module | None, list[Tensor]] = (None, [])
+    after_backward, needs_features = hooks.after_backward, hooks.needs_features
+    after_step = list(zip(hooks.after_step, hooks.pins_after_step))
+    recorder = ctx.activations
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     term_sums: dict[str, Tensor] = {}
     seen = 0
     for batch in batches:
         with autocast:
-            out = forward(net, batch, needs_features)
+            if recorder is None:
+                out = forward(ctx.net, batch, needs_features)  # read per step: a hook may replace the model
+            else:
+                with recorder.capture():
+                    out = forward(ctx.net, batch, needs_features)
+                out.activations = recorder
             loss, terms = compute_loss(ctx, hooks, batch, out)
         optimizer = ctx.optimizer  # read per step: a hook may rebuild it
         optimizer.zero_grad(set_to_none=True)
@@ -221,14 +322,23 @@ def train_one_epoch(ctx: RunContext, hooks: HookCaller, batches: Iterable[dict[s
         for p in after_backward:
             p.after_backward(ctx)
         if grad_clip:
-            nn.utils.clip_grad_norm_(clip_params, grad_clip)
+            if clipped[0] is not ctx.model:
+                clipped = (ctx.model, [p for p in ctx.model.parameters() if p.requires_grad])
+            nn.utils.clip_grad_norm_(clipped[1], grad_clip)
+        freezer = ctx.freezer if ctx.freezer else None  # read per step: a hook may freeze neurons mid-epoch
+        if freezer is not None:
+            freezer.before_step(optimizer)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        for p in after_step:
+        if freezer is not None:
+            freezer.after_step(optimizer)
+        for p, pins in after_step:
             p.after_step(ctx)
+            if pins:
+                ctx.enforce_pins(after=p)
         n = batch["y"].shape[0]
         seen += n
         ctx.global_step += 1
@@ -277,7 +387,9 @@ def checkpoint_state(ctx: RunContext, next_round: int, next_epoch: int, round_st
         "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,
         "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
         "optimizer_overrides": ctx.optimizer_overrides,
-        "plugins": [p.state_dict() for p in ctx.plugins],
+        "plugins": {p.slot: p.state_dict() for p in ctx.plugins},
+        "architecture": structure_of(ctx.model) if ctx.architecture_changed else None,
+        "freezer": ctx.freezer.state_dict() if ctx.freezer else None,
         "rng": rng_states(),
         "position": {"round": next_round, "epoch": next_epoch, "round_started": round_started, "finished": finished,
                      "global_step": ctx.global_step},
@@ -295,9 +407,9 @@ def save(ctx: RunContext, next_round: int, next_epoch: int, round_started: bool,
 
 
 def num_rounds(plugins: list[Plugin]) -> int:
+    """The plugins' number of rounds (those with one round follow the others; ``check_composition`` refuses
+    plugins that disagree)."""
     counts = {p.num_rounds() for p in plugins} - {1}
-    if len(counts) > 1:
-        raise ValueError(f"plugins disagree on the number of rounds: {sorted(counts)}")
     return counts.pop() if counts else 1
 
 
@@ -314,8 +426,7 @@ def fit(ctx: RunContext, start: dict[str, Any] | None = None) -> list[dict[str, 
         if not resuming_mid_round:
             ctx.history = []
             ctx.rebuild_optimizer()  # a plugin's start_round may rebuild it again with its own lr / schedule
-            for p in ctx.plugins:
-                p.start_round(ctx)
+            ctx.call("start_round")
         first_epoch = start["epoch"] if resuming_mid_round else 0
         for ctx.epoch in range(first_epoch, ctx.epochs):
             record = run_epoch(ctx, hooks)
@@ -330,8 +441,8 @@ def fit(ctx: RunContext, start: dict[str, Any] | None = None) -> list[dict[str, 
             if preempted:
                 raise ctx.preemption.preempted(ctx.run_dir, ctx.round, ctx.epoch + 1)
         round_record = {"round": ctx.round, **{k: v for k, v in ctx.history[-1].items() if k not in ("round", "epoch")}}
-        for p in ctx.plugins:
-            round_record.update(p.end_round(ctx))
+        for metrics in ctx.call("end_round"):
+            round_record.update(metrics)
         rounds.append(round_record)
         ctx.logger.log_round(round_record)
         stop = ctx.stop_rounds or ctx.round + 1 == n_rounds
@@ -346,8 +457,7 @@ def run_epoch(ctx: RunContext, hooks: HookCaller) -> dict[str, Any]:
     loader = ctx.loaders["train"]
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(ctx.round, ctx.epoch)
-    for p in ctx.plugins:
-        p.start_epoch(ctx)
+    ctx.call("start_epoch")
     lr = ctx.optimizer.param_groups[0]["lr"]
     batches = ctx.logger.progress.wrap(loader, len(loader), f"round {ctx.round} epoch {ctx.epoch + 1}/{ctx.epochs}")
     record: dict[str, Any] = {"round": ctx.round, "epoch": ctx.epoch}
@@ -365,7 +475,7 @@ def run_epoch(ctx: RunContext, hooks: HookCaller) -> dict[str, Any]:
             if split in ctx.loaders:
                 record.update({f"{split}_{k}": v for k, v in ctx.evaluate(split).items()})
     record["lr"] = lr
-    for p in ctx.plugins:
-        record.update(p.end_epoch(ctx))
+    for metrics in ctx.call("end_epoch"):
+        record.update(metrics)
     record["time_s"] = time.perf_counter() - t0
     return record

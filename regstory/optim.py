@@ -5,18 +5,34 @@ import inspect
 from typing import Any
 
 import torch
+import torch.autograd.profiler as torch_profiler
 import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 
 from regstory.kernels import masked_sgd_kernel
 
+# LeanSGD leans on private torch attributes, each read through getattr (Optimizer.profile_hook_step at import, the
+# others at each step): where one is missing, the step takes torch's public path instead (see LeanSGD).
+_MISSING = object()
+
 
 def _profiling() -> bool:
-    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
+    """Whether a profiler may be recording: True where this torch has no ``_is_profiler_enabled`` to ask."""
+    return bool(getattr(torch_profiler, "_is_profiler_enabled", True))
 
 
-#: torch's SGD.step with the usual profiler range and step hooks around it (the path every non-lean step takes)
-_TORCH_STEP = torch_optimizer.Optimizer.profile_hook_step(inspect.unwrap(torch.optim.SGD.step))
+def _torch_step_with_hooks(optimizer_module: Any = torch_optimizer) -> Any:
+    """torch's ``SGD.step`` inside Optimizer's profiler range and step hooks (the path every non-lean step takes),
+    or None where this torch has no ``Optimizer.profile_hook_step`` or its ``SGD.step`` cannot be unwrapped to the
+    function below those hooks. Only the hook layers are unwrapped: torch's grad-mode wrapper stays."""
+    wrap = getattr(optimizer_module.Optimizer, "profile_hook_step", None)
+    if wrap is None:
+        return None
+    step = inspect.unwrap(torch.optim.SGD.step, stop=lambda f: not getattr(f, "hooked", False))
+    return None if getattr(step, "hooked", False) else wrap(step)
+
+
+_TORCH_STEP = _torch_step_with_hooks()
 
 
 class LeanSGD(torch.optim.SGD):
@@ -32,7 +48,9 @@ class LeanSGD(torch.optim.SGD):
     cover the step. That is the case for the first step (which creates the momentum buffers), a closure, a missing
     or sparse gradient, an unfused group, a tensor learning rate, a group that mixes devices or dtypes, a
     GradScaler's ``grad_scale``/``found_inf``, a registered step hook, an active profiler, or a torch without
-    ``_fused_sgd_``.
+    ``_fused_sgd_``, ``_is_profiler_enabled`` or ``_global_optimizer_pre_hooks``/``_post_hooks``. Where torch has
+    no ``Optimizer.profile_hook_step`` to put around this class's step, LeanSGD keeps torch's ``SGD.step`` as it is
+    (the class then steps exactly as ``torch.optim.SGD``) and refuses gradient masks.
 
     ``zero_grad()`` likewise drops the gradients without ``Optimizer.zero_grad``'s profiler range and per-group
     bookkeeping (~11 us against ~1 us a step here); with ``set_to_none=False`` or under a profiler it is torch's.
@@ -41,8 +59,14 @@ class LeanSGD(torch.optim.SGD):
     multiplying the gradients itself: on CPU the step then runs :mod:`regstory.kernels`' masked SGD kernel on those
     parameters, one pass over memory instead of two. Every other path of the step multiplies the gradients by the
     masks first, so the update is the same whichever path runs, up to the last bit of some entries (torch's kernel
-    fuses some multiply-adds). Pruned weights stay exactly zero on every path.
+    fuses some multiply-adds). Pruned weights stay exactly zero on every path. With ``masked_grads_visible`` (the
+    default) the kernel also writes ``grad * mask`` back, so after ``step`` the gradients (what an ``after_step``
+    hook reads) are bit for bit those of the two-pass path; set it False to skip that store where nothing reads the
+    gradients after the step.
     """
+
+    #: leave ``grad * mask`` in the masked gradients after a kernel step, as the two-pass path does
+    masked_grads_visible: bool = True
 
     def __init__(self, params: Any, **kwargs: Any):
         kwargs.setdefault("fused", True)
@@ -68,8 +92,8 @@ class LeanSGD(torch.optim.SGD):
         that drops them). Returns False, changing nothing, when there is no kernel to fuse it into (not a CPU model,
         no compiler): the caller then multiplies the gradients itself. The lists must stay the same objects while
         the masks do (the step caches its lookup on them)."""
-        if self._kernel is False:  # first call: is there a kernel for these parameters?
-            self._kernel = masked_sgd_kernel() if masked_step_possible(params) else None
+        if self._kernel is False:  # first call: is there a kernel for these parameters (and a step to run it)?
+            self._kernel = masked_sgd_kernel() if _TORCH_STEP is not None and masked_step_possible(params) else None
         if self._kernel is None:
             return False
         self._pending_masks = (params, masks)
@@ -91,7 +115,8 @@ class LeanSGD(torch.optim.SGD):
     def _direct_step(self, pending: tuple[list[Tensor], list[Tensor]] | None = None) -> bool:
         """Apply the fused update to every group and return True, or change nothing and return False. A group
         with pending gradient masks goes through the masked kernel, the others through torch's fused kernel."""
-        if not hasattr(torch, "_fused_sgd_") or self._scaler_attached() or self._hooks_or_profiler():
+        fused_sgd_ = getattr(torch, "_fused_sgd_", None)
+        if fused_sgd_ is None or self._scaler_attached() or self._hooks_or_profiler():
             return False
         work = []
         for group in self.param_groups:
@@ -111,13 +136,13 @@ class LeanSGD(torch.optim.SGD):
         for group, params, grads, bufs, masks in work:
             if masks is not None:
                 if self._kernel(params, grads, bufs, masks, group["lr"], group["momentum"], group["dampening"],
-                                group["weight_decay"], group["nesterov"]):
+                                group["weight_decay"], group["nesterov"], bool(self.masked_grads_visible)):
                     continue
                 masked = [(p, m) for p, m in zip(params, masks) if m is not None]  # the kernel refused them
                 mask_gradients([p for p, _ in masked], [m for _, m in masked])
-            torch._fused_sgd_(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                              lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-                              maximize=group["maximize"], is_first_step=False)
+            fused_sgd_(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                       lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                       maximize=group["maximize"], is_first_step=False)
         return True
 
     def _aligned_masks(self, group: dict, pending: tuple[list[Tensor], list[Tensor]]) -> list[Tensor | None] | None:
@@ -137,9 +162,12 @@ class LeanSGD(torch.optim.SGD):
         return getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
 
     def _hooks_or_profiler(self) -> bool:
-        return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                    or getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
-                    or getattr(torch_optimizer, "_global_optimizer_post_hooks", None)
+        """Whether a step hook is registered or a profiler records; True where torch's global hook dicts are
+        missing (a hook could be registered elsewhere)."""
+        return bool(getattr(self, "_optimizer_step_pre_hooks", _MISSING)
+                    or getattr(self, "_optimizer_step_post_hooks", _MISSING)
+                    or getattr(torch_optimizer, "_global_optimizer_pre_hooks", _MISSING)
+                    or getattr(torch_optimizer, "_global_optimizer_post_hooks", _MISSING)
                     or _profiling())
 
     def _one_device_and_dtype(self, group: dict) -> bool:
@@ -151,9 +179,13 @@ class LeanSGD(torch.optim.SGD):
         return cached[1]
 
 
+if _TORCH_STEP is None:  # nothing to wrap our step in torch's hooks with: keep torch's own SGD.step
+    del LeanSGD.step
+
+
 def masked_step_possible(params: list[Tensor]) -> bool:
     """Whether LeanSGD can apply gradient masks inside its step for these parameters: they are on the CPU and the
-    masked kernel exists. Looks the kernel up, building it the first time on a machine (~20 s): pruning calls this
+    masked kernel exists. Looks the kernel up, building it the first time in an environment (~20 s): pruning calls this
     at set-up, so the build does not land in a training epoch's time."""
     return bool(params) and params[0].device.type == "cpu" and masked_sgd_kernel() is not None
 
@@ -162,6 +194,12 @@ def masked_step_possible(params: list[Tensor]) -> bool:
 def mask_gradients(params: list[Tensor], masks: list[Tensor]) -> None:
     """Multiply each parameter's gradient by its 0/1 mask in place (parameters without a gradient are skipped)."""
     pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
-    if pairs:
+    if not pairs:
+        return
+    foreach_mul_ = getattr(torch, "_foreach_mul_", None)
+    if foreach_mul_ is None:
+        for g, m in pairs:
+            g.mul_(m)
+    else:
         grads, kept = zip(*pairs)
-        torch._foreach_mul_(list(grads), list(kept))
+        foreach_mul_(list(grads), list(kept))

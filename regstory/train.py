@@ -19,9 +19,11 @@ from regstory.config import ConfigError, check_targets, check_values, flat_confi
 from regstory.data.base import DatasetNotFoundError
 from regstory.data.prepare import fingerprint, make_loaders, prepare_data
 from regstory import distributed
-from regstory.loop import NonFiniteLossError, RunContext, fit, uses_grad_scaler
+from regstory.loop import NonFiniteLossError, RunContext, fit, place_model, uses_grad_scaler
 from regstory.models.base import count_parameters
-from regstory.plugins import Plugin
+from regstory.freezing import NeuronFreezer
+from regstory.plugins import CompositionError, Plugin, activation_recorder, check_composition
+from regstory.surgery import rebuild
 from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption, in_requeued_job
 from regstory.registry import UnknownNameError
 from regstory.tracking import METRICS_FILE, ROUNDS_FILE, RunLogger, read_jsonl
@@ -30,7 +32,8 @@ from regstory.utils import atomic_write_json, seed_everything, set_rng_states
 log = logging.getLogger("regstory")
 
 #: errors a user can fix from the message alone: shown as one line, no traceback
-USER_ERRORS = (ConfigError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, UnknownNameError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, UnknownNameError,
+               CompositionError)
 
 
 def conf_dir() -> str:
@@ -79,17 +82,31 @@ def configure_torch(cfg: DictConfig) -> None:
     torch.backends.cudnn.benchmark = not t.deterministic
 
 
+#: the usual plugin slots, in the order their hooks are called; entries of ``plugins`` follow
+PLUGIN_SLOTS = ("method", "debias", "distill")
+
+
+def plugin_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(slot, config node) of every plugin the config selects: ``method``, ``debias``, ``distill``, then each entry
+    of ``plugins`` (e.g. ``+method@plugins.second=imp``) in the order given."""
+    nodes = [(slot, cfg.get(slot)) for slot in PLUGIN_SLOTS]
+    nodes += [(f"plugins.{key}", node) for key, node in (cfg.get("plugins") or {}).items()]
+    return [(slot, node) for slot, node in nodes if node is not None and "_target_" in node]
+
+
 def build_plugins(cfg: DictConfig) -> list[Plugin]:
-    """Instantiate the method, debias and distill groups, in that order; each must be a Plugin."""
+    """Instantiate every plugin (:func:`plugin_nodes`) but the no-op base class, name each by its slot, and check
+    that they compose."""
     plugins = []
-    for group in ("method", "debias", "distill"):
-        node = cfg.get(group)
-        if node is None or "_target_" not in node:
-            continue
+    for slot, node in plugin_nodes(cfg):
         plugin = instantiate(node, _convert_="all")
         if not isinstance(plugin, Plugin):
-            raise ConfigError(f"{group}._target_ {node._target_} is not a regstory.plugins.Plugin")
+            raise ConfigError(f"{slot}._target_ {node._target_} is not a regstory.plugins.Plugin")
+        if type(plugin) is Plugin:  # method=none, debias=none: the no-op base class takes no part
+            continue
+        plugin.slot = slot
         plugins.append(plugin)
+    check_composition(plugins)
     return plugins
 
 
@@ -148,9 +165,19 @@ def summarize(ctx: RunContext, rounds: list[dict], wall_s: float) -> dict[str, A
         wall_time_s=wall_s,
         device=str(ctx.device),
     )
-    for p in ctx.plugins:
-        summary.update(p.finalize(ctx))
+    summary["plugins"] = {p.slot: p.finalize(ctx) for p in ctx.plugins}
+    summary.update(unique_entries(summary["plugins"], taken=set(summary)))
     return summary
+
+
+def unique_entries(by_plugin: dict[str, dict[str, Any]], taken: set[str]) -> dict[str, Any]:
+    """The plugins' summary entries that exactly one plugin reports (and the run itself does not), for the top
+    level of ``summary.json``; every entry also stays under ``plugins.<slot>``."""
+    counts: dict[str, int] = {}
+    for entries in by_plugin.values():
+        for key in entries:
+            counts[key] = counts.get(key, 0) + 1
+    return {k: v for entries in by_plugin.values() for k, v in entries.items() if counts[k] == 1 and k not in taken}
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -201,15 +228,18 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
     seed_everything(int(cfg.seed))
     with distributed.main_process_first(env):  # one download / data cache write, then the other ranks read it
         bundle = prepare_data(cfg, run_dir if main_process else None)
-    model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
+    if ckpt is not None and ckpt.get("architecture") is not None:  # a model changed by surgery: its own structure
+        model = rebuild(ckpt["architecture"], ckpt["model"])
+    else:
+        model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
     logger = RunLogger(run_dir, cfg.logger, flat_config(cfg), ckpt["wandb_id"] if ckpt else None, sweep_group(),
                        enabled=main_process)
     ctx = build_context(cfg, bundle, model, device, run_dir, logger, env, guard)
     if main_process:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         atomic_write_json(run_dir / "provenance.json", provenance(cfg, fingerprint(bundle)))
-    for p in ctx.plugins:
-        p.setup(ctx)
+    ctx.call("setup")
+    ctx.enforce_pins()
 
     exit_code = 1
     summary: dict[str, Any] | None = None
@@ -237,18 +267,32 @@ def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch
                   preemption: PreemptionGuard | None = None) -> RunContext:
     """Everything ``fit`` needs around a model: device and memory layout, loaders, plugins, the DDP wrapper (no-op
     on one process), ``torch.compile`` and the fp16 grad scaler. Plugins are not set up yet."""
-    model = model.to(device)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model, device, bool(cfg.trainer.channels_last))
     ctx = RunContext(cfg=cfg, model=model, data=bundle, device=device, plugins=build_plugins(cfg), run_dir=run_dir,
                      loaders=make_loaders(bundle, cfg, device, shard=(env.rank, env.world)), logger=logger,
                      is_main_process=env.is_main, preemption=preemption)
     distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
     if cfg.trainer.compile:
         ctx.forward_model = torch.compile(ctx.net, mode=str(cfg.trainer.compile_mode))
+    ctx.wrap = training_wrapper(cfg, device, env)  # the same wrappers, for a model replaced by surgery
+    ctx.freezer = NeuronFreezer(ctx.model)
+    ctx.activations = activation_recorder(ctx.plugins, ctx.model)
     if uses_grad_scaler(cfg.trainer):
         ctx.scaler = torch.amp.GradScaler(device.type)
     return ctx
+
+
+def training_wrapper(cfg: DictConfig, device: torch.device, env: distributed.DistEnv):
+    """What the loop trains around a bare model, as :func:`build_context` sets it up: DDP (several processes), then
+    ``torch.compile``; None for the bare model. Applied again after every model surgery."""
+    if not env.active and not cfg.trainer.compile:
+        return None
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        net = distributed.wrap_model(model, device) if env.active else model
+        return torch.compile(net, mode=str(cfg.trainer.compile_mode)) if cfg.trainer.compile else net
+
+    return wrap
 
 
 def discard_logs(run_dir: Path) -> None:
@@ -269,8 +313,20 @@ def refuse_to_overwrite(run_dir: Path) -> None:
 def restore(ctx: RunContext, ckpt: dict[str, Any]) -> dict[str, Any]:
     """Load model/optimizer/plugin/RNG states and rewind the metric files to the checkpoint's position."""
     ctx.model.load_state_dict(ckpt["model"])
-    for plugin, state in zip(ctx.plugins, ckpt["plugins"]):
-        plugin.load_state_dict(state)
+    ctx.architecture_changed = ckpt.get("architecture") is not None
+    saved = ckpt["plugins"]
+    if isinstance(saved, list):  # a checkpoint from before plugin states were stored by slot
+        saved = {p.slot: state for p, state in zip(ctx.plugins, saved)}
+    unknown = sorted(slot for slot, state in saved.items() if state and slot not in {p.slot for p in ctx.plugins})
+    if unknown:  # a plugin with state would be dropped silently
+        raise CheckpointError(f"the checkpoint holds the state of plugin slot(s) {', '.join(unknown)} that this "
+                              f"config does not select; resume with the run's own config")
+    for plugin in ctx.plugins:
+        if plugin.slot in saved:
+            plugin.load_state_dict(saved[plugin.slot])
+    if ckpt.get("freezer"):
+        ctx.freezer.load_state_dict(ckpt["freezer"])
+    ctx.enforce_pins()
     position = ckpt["position"]
     ctx.global_step = position["global_step"]
     ctx.history = ckpt["history"]
@@ -335,6 +391,46 @@ def worker_rank_main(overrides: list[str]) -> None:
     run_or_exit(cfg)
 
 
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override lists of a ``-m`` sweep's jobs, expanded as Hydra's basic sweeper does (``a=1,2 b=x,y``: 4)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and check every config the command line asks for (each job of a ``-m`` sweep) before Hydra creates any
+    folder: a wrong key, type or value prints ``regstory-run: error: <one line>`` and exits with status 2. Hydra's own
+    help, info and completion flags, and ``--config-dir``/``--config-path``, are left to Hydra."""
+    from hydra import initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from regstory.config import compose_checked
+
+    if {"--version", "-h", "--help", "--hydra-help"} & set(argv):
+        return
+    args = get_args_parser().parse_args(argv)
+    if args.info or args.shell_completion or args.experimental_rerun or args.config_dir or args.config_path:
+        return
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        jobs = sweep_jobs(overrides) if args.multirun else [overrides]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            for job in jobs:
+                compose_checked(job, args.config_name or "config")
+    except (ConfigError, HydraException) as err:
+        message = " ".join(str(err).split()) if isinstance(err, HydraException) else str(err)
+        print(f"regstory-run: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def main() -> None:
     import hydra
 
@@ -342,6 +438,7 @@ def main() -> None:
     if distributed.is_worker_rank():
         worker_rank_main(sys.argv[1:])
         return
+    preflight(sys.argv[1:])
     hydra.main(version_base=None, config_path=conf_dir(), config_name="config")(hydra_entry)()
 
 

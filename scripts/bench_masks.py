@@ -4,8 +4,9 @@ Runs the same training step (default: MLP 40-512-512-10, batch 128, regstory's S
 SDD protocol) with and without the pruning plugin's per-step hooks, interleaved in one process so that machine load
 affects all alike: zero pruned gradients after backward in a separate pass (``grads_only``, what runs where the
 masked kernel is not available), the same plus re-masking the weights after the step (``masked``,
-``remask_after_step=true``), and the masks handed to ``LeanSGD``'s step (``fused``, regstory's default on CPU).
-Prints min and median step times and the ratios (target: overhead <= 5%).
+``remask_after_step=true``), the masks handed to ``LeanSGD``'s step (``fused``, regstory's default on CPU: the kernel
+also writes the masked gradients back), and the same without that write-back (``fused_nostore``,
+``LeanSGD.masked_grads_visible = False``). Prints min and median step times and the ratios (target: overhead <= 5%).
 
     OMP_NUM_THREADS=1 python scripts/bench_masks.py [--steps 300] [--repeats 7] [--sparsity 0.8] [--threads 1]
 """
@@ -54,14 +55,15 @@ def main() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(args.batch, 40), torch.randint(0, 10, (args.batch,))
     runs = {}
-    for name in ("plain", "masked", "grads_only", "fused"):
+    for name in ("plain", "masked", "grads_only", "fused", "fused_nostore"):
         model = mlp([40], 10)
         opt = LeanSGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt.masked_grads_visible = name != "fused_nostore"
         masks = None
         if name != "plain":
             masks = MaskSet(prunable_parameters(model))
             prune_to_sparsity(masks, [p.detach().abs() for p in masks.params], args.sparsity)
-        runs[name] = make_step(model, opt, x, y, masks, remask=name == "masked", fuse=name == "fused")
+        runs[name] = make_step(model, opt, x, y, masks, remask=name == "masked", fuse=name.startswith("fused"))
     for step in runs.values():  # warm-up
         time_steps(step, 50)
     times = {name: [] for name in runs}
@@ -69,11 +71,13 @@ def main() -> None:
         for name, step in runs.items():
             times[name].append(time_steps(step, args.steps))
     for stat in (min, statistics.median):
-        plain, masked, grads, fused = (stat(times[k]) for k in ("plain", "masked", "grads_only", "fused"))
+        plain, masked, grads, fused, nostore = (stat(times[k]) for k in
+                                                ("plain", "masked", "grads_only", "fused", "fused_nostore"))
         print(f"{stat.__name__:>6} of {args.repeats} x {args.steps} steps: plain {plain * 1e3:.3f} ms, masked "
               f"{masked * 1e3:.3f} ms (sparsity {args.sparsity:.2f}); ratio masked/plain = {masked / plain:.3f} "
               f"({(masked / plain - 1) * 100:+.1f}%); grads zeroed only (remask_after_step=false): "
-              f"{grads / plain:.3f}; masks in the SGD step (default on CPU): {fused / plain:.3f}")
+              f"{grads / plain:.3f}; masks in the SGD step (default on CPU): {fused / plain:.3f}; the same without "
+              f"writing the masked gradients back (masked_grads_visible=False): {nostore / plain:.3f}")
     mask_only = MaskSet(prunable_parameters(mlp([40], 10)))
     prune_to_sparsity(mask_only, [p.detach().abs() for p in mask_only.params], args.sparsity)
     for p in mask_only.params:

@@ -62,8 +62,13 @@ class Recorder(Plugin):
         self.calls: list[str] = []
         self.weights_before_step = None
 
-    def task_loss(self, ctx, batch, out):
-        self.calls.append("task_loss")
+    def sample_loss(self, ctx, batch, out):
+        self.calls.append("sample_loss")
+        return None
+
+    def sample_weights(self, ctx, batch, out):
+        self.calls.append("sample_weights")
+        assert out.sample_loss is out.per_sample_loss  # no plugin replaced the CE
         return None
 
     def extra_loss(self, ctx, batch, out):
@@ -81,14 +86,14 @@ class Recorder(Plugin):
 
 
 def test_hooks_run_in_contract_order_and_terms_are_logged(tmp_path, monkeypatch):
-    """Per step: task_loss, extra_loss, after_backward, after_step (regstory.plugins order); extra terms averaged
+    """Per step: sample_loss, sample_weights, extra_loss, after_backward, after_step (regstory.plugins order); extra terms averaged
     into ``loss/<name>`` and included in train_loss."""
     cfg = make_cfg(*TINY_MLP, "trainer.epochs=1")
     recorder = Recorder()
     monkeypatch.setattr("regstory.train.build_plugins", lambda cfg: [recorder])
     run(cfg, run_dir=tmp_path)
     steps = math.ceil(1257 / 64)  # digits: 1797 images, 30% held out for test
-    assert recorder.calls == ["task_loss", "extra_loss", "after_backward", "after_step"] * steps
+    assert recorder.calls == ["sample_loss", "sample_weights", "extra_loss", "after_backward", "after_step"] * steps
     record = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert record["loss/half"] == pytest.approx(0.5)
     assert record["loss/sq"] == 0.0
@@ -103,7 +108,7 @@ def test_hook_caller_lists_only_overriding_plugins():
     a, b = Plugin(), OnlyAfterStep()
     hooks = HookCaller([a, b])
     assert hooks.after_step == [b] and hooks["after_step"] == [b]
-    assert hooks.task_loss == hooks.extra_loss == hooks.after_backward == []
+    assert hooks.sample_loss == hooks.sample_weights == hooks.extra_loss == hooks.after_backward == []
 
 
 def test_read_once_divides_every_sum_by_the_count():

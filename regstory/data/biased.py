@@ -14,11 +14,17 @@ selection and to fit the bias probe, never the test split.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
 from regstory.data.base import DataBundle, TensorSplit, stratified_split
-from regstory.data.registry import register_dataset
+from regstory.data.registry import dataset_option
+from regstory.options import Range
+
+Rho = Annotated[float, Range(ge=0, le=1)]
+Colours = Annotated[int, Range(ge=1, le=10)]
 
 #: ReBias's ten background colours (RGB, 0-255); note 225 (not 255) for indices 3 and 4, as in the original.
 COLOURS = torch.tensor([
@@ -86,10 +92,11 @@ def build_biased(name: str, gray_train: Tensor, y_train: Tensor, gray_test: Tens
                       num_bias_classes=num_classes)
 
 
-@register_dataset("biased_digits")
-def build_biased_digits(root: str = "", download: bool = True, rho: float = 0.98, test_fraction: float = 0.3,
-                        holdout_fraction: float = 0.15, test_colours: int = 10, val_colours: int = 10,
-                        split_seed: int = 0, colour_seed: int = 0) -> DataBundle:
+@dataset_option("biased_digits")
+def build_biased_digits(root: str = "", download: bool = True, rho: Rho = 0.98,
+                        test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.3,
+                        holdout_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.15, test_colours: Colours = 10,
+                        val_colours: Colours = 10, split_seed: int = 0, colour_seed: int = 0) -> DataBundle:
     """Coloured-background 8x8 digits (offline Biased-MNIST analogue): 3x8x8 inputs, bias = background colour.
 
     ``test_fraction`` of the 1797 digits form the test split (each rendered in ``test_colours`` colours:
@@ -115,9 +122,10 @@ def load_mnist_gray(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, 
     return as_x(train), train.targets.long(), as_x(test), test.targets.long()
 
 
-@register_dataset("biased_mnist")
-def build_biased_mnist(root: str, download: bool = True, rho: float = 0.99, holdout_fraction: float = 0.1,
-                       test_colours: int = 1, val_colours: int = 1, colour_seed: int = 0) -> DataBundle:
+@dataset_option("biased_mnist")
+def build_biased_mnist(root: str, download: bool = True, rho: Rho = 0.99,
+                       holdout_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.1, test_colours: Colours = 1,
+                       val_colours: Colours = 1, colour_seed: int = 0) -> DataBundle:
     """Biased-MNIST (ReBias/EnD): binarised white digits on a coloured background, train colour = class colour
     with probability ``rho``. The unbiased test split gives each test digit ``test_colours`` random distinct colours
     (1 by default: uniform colours, ~100 images per group, close to ReBias's rho=0.1 test; 10 makes it exactly

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
 from regstory.data.base import Augment, DataBundle, TensorSplit
 from regstory.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from regstory.data.registry import register_dataset
+from regstory.data.registry import dataset_option
+from regstory.options import OneOf, Range
 from regstory.data.torchvision_sets import open_torchvision
 
 
@@ -76,10 +79,12 @@ def smallest_group(y: Tensor, b: Tensor) -> int:
     return int(torch.bincount(y * 2 + b, minlength=4).min())
 
 
-@register_dataset("celeba")
+@dataset_option("celeba")
 def build_celeba(root: str, download: bool = False, target: str = "Blond_Hair", bias: str = "Male",
-                 flip_bias: bool = True, image_size: int = 224, test_split: str = "valid", balanced_test: bool = True,
-                 val_group_fraction: float = 0.2, balance_seed: int = 42, augment: bool = True) -> DataBundle:
+                 flip_bias: bool = True, image_size: Annotated[int, Range(ge=1)] = 224,
+                 test_split: Annotated[str, OneOf("valid", "test")] = "valid", balanced_test: bool = True,
+                 val_group_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.2, balance_seed: int = 42,
+                 augment: bool = True) -> DataBundle:
     """CelebA (torchvision's on-disk layout under ``<root>/celeba``) with ``bias`` labels; see the module docstring."""
     from torchvision.datasets import CelebA
 

@@ -1,10 +1,13 @@
 """scikit-learn's bundled 8x8 digits: real, offline, tiny (1797 images)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from regstory.data.base import DataBundle, TensorSplit, stratified_split
-from regstory.data.registry import register_dataset
+from regstory.data.registry import dataset_option
+from regstory.options import Range
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,8 +19,9 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(d.target, dtype=torch.long)
 
 
-@register_dataset("digits")
-def build_digits(root: str = "", download: bool = True, test_fraction: float = 0.3, split_seed: int = 0) -> DataBundle:
+@dataset_option("digits")
+def build_digits(root: str = "", download: bool = True, test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.3,
+                 split_seed: int = 0) -> DataBundle:
     """Digits with a fixed stratified train/test split (70/30 by default, ``split_seed`` 0)."""
     x, y = load_digits_tensors()
     tr, te = stratified_split(y, test_fraction, split_seed)

@@ -7,11 +7,13 @@ automatically (its licence requires a manual download), so ``data.download`` has
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from regstory.data.base import DataBundle, DatasetNotFoundError, DatasetSplit
-from regstory.data.registry import register_dataset
+from regstory.data.registry import dataset_option
+from regstory.options import Range
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -25,9 +27,9 @@ def _transforms(image_size: int, resize: int):
     return train, test
 
 
-@register_dataset("imagenet")
-def build_imagenet(root: str, download: bool = False, folder: str = "imagenet", image_size: int = 224,
-                   resize: int = 256) -> DataBundle:
+@dataset_option("imagenet")
+def build_imagenet(root: str, download: bool = False, folder: str = "imagenet",
+                   image_size: Annotated[int, Range(ge=1)] = 224, resize: Annotated[int, Range(ge=1)] = 256) -> DataBundle:
     """Standard ImageNet pipeline: RandomResizedCrop + flip for training, resize + center crop for evaluation."""
     from torchvision.datasets import ImageFolder
 

@@ -6,11 +6,14 @@ import json
 import pickle
 from pathlib import Path
 
+from typing import Annotated
+
 import numpy as np
 import torch
 
 from regstory.data.base import DataBundle, TensorSplit
-from regstory.data.registry import register_dataset
+from regstory.data.registry import dataset_option
+from regstory.options import Range
 from regstory.utils import atomic_write_bytes
 
 
@@ -26,9 +29,10 @@ def _generate(num_samples: int, train_split: float, seed: int) -> dict:
         np.random.set_state(state)
 
 
-@register_dataset("mnist1d")
+@dataset_option("mnist1d")
 def build_mnist1d(
-    root: str, download: bool = True, num_samples: int = 5000, train_split: float = 0.8, seed: int = 42,
+    root: str, download: bool = True, num_samples: Annotated[int, Range(ge=20)] = 5000,
+    train_split: Annotated[float, Range(gt=0, lt=1)] = 0.8, seed: int = 42,
     channels: bool = False,
 ) -> DataBundle:
     """MNIST-1D: 40-sample 1-D signals, 10 classes; 5000 samples split 4000/1000 by default.

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from regstory.data.base import DatasetSplit, TensorSplit
+from regstory.options import Range, option
 
 
 def symmetric_noise(labels: Tensor, num_classes: int, rate: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -29,16 +31,13 @@ def symmetric_noise(labels: Tensor, num_classes: int, rate: float, seed: int) ->
     return noisy, flipped
 
 
+@option("noise", "symmetric")
 @dataclass
 class SymmetricNoise:
     """``noise=symmetric``: symmetric label noise at ``rate`` on the train split (test and val never touched)."""
 
-    rate: float = 0.0
+    rate: Annotated[float, Range(ge=0, lt=1)] = 0.0
     seed: int | None = None  # None: derived from the run's seed
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"noise.rate must be in [0, 1), got {self.rate}")
 
     def apply(self, split: TensorSplit | DatasetSplit, num_classes: int, run_seed: int):
         """Return the split with noisy ``y`` (true labels kept as ``true_y``, ``is_noisy`` mask) and the flipped indices.

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from regstory.data.base import Augment, DataBundle, DatasetNotFoundError, TensorSplit, missing_dataset_message
-from regstory.data.registry import register_dataset
+from regstory.data.registry import dataset_option
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -39,7 +39,7 @@ def _cifar(cls, name: str, root: str, download: bool, num_classes: int, mean, st
     return DataBundle(name, as_split(train), as_split(test), num_classes, augment=aug, mean=mean, std=std)
 
 
-@register_dataset("cifar10")
+@dataset_option("cifar10")
 def build_cifar10(root: str, download: bool = True, augment: bool = True) -> DataBundle:
     """CIFAR-10; standard augmentation (random crop, 4 px zero padding, horizontal flip), per-channel normalisation."""
     from torchvision.datasets import CIFAR10
@@ -47,7 +47,7 @@ def build_cifar10(root: str, download: bool = True, augment: bool = True) -> Dat
     return _cifar(CIFAR10, "cifar10", root, download, 10, CIFAR10_MEAN, CIFAR10_STD, augment)
 
 
-@register_dataset("cifar100")
+@dataset_option("cifar100")
 def build_cifar100(root: str, download: bool = True, augment: bool = True) -> DataBundle:
     """CIFAR-100; same augmentation and normalisation scheme as CIFAR-10."""
     from torchvision.datasets import CIFAR100
@@ -55,7 +55,7 @@ def build_cifar100(root: str, download: bool = True, augment: bool = True) -> Da
     return _cifar(CIFAR100, "cifar100", root, download, 100, CIFAR100_MEAN, CIFAR100_STD, augment)
 
 
-@register_dataset("mnist")
+@dataset_option("mnist")
 def build_mnist(root: str, download: bool = True) -> DataBundle:
     """MNIST 28x28, no augmentation, normalised with the usual mean/std."""
     from torchvision.datasets import MNIST

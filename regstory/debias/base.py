@@ -22,19 +22,22 @@ epoch chosen by ``selection`` (a val metric, never a test metric) in ``summary.j
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Annotated, Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regstory.plugins import Plugin, with_options_of
+from regstory.config import ConfigError
+from regstory.options import Range, option, schema_of
+from regstory.plugins import Plugin
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
 
-#: defaults of the metric options every debias plugin takes (subclasses inherit them through with_debias_options)
-SELECTION, PROBE_EVERY, PROBE_STEPS = "val_unbiased_acc", 1, 300
+#: weights and learning rates of the debiasing methods
+Weight = Annotated[float, Range(ge=0)]
+Rate = Annotated[float, Range(gt=0)]
 
 GROUP_METRICS = ("acc", "unbiased_acc", "conflicting_acc", "aligned_acc", "worst_group_acc")
 
@@ -120,7 +123,8 @@ class DebiasPlugin(Plugin):
     needs_features = True
     evaluates = True
 
-    def __init__(self, selection: str = SELECTION, probe_every: int = PROBE_EVERY, probe_steps: int = PROBE_STEPS):
+    def __init__(self, selection: str = "val_unbiased_acc", probe_every: Annotated[int, Range(ge=0)] = 1,
+                 probe_steps: Annotated[int, Range(ge=1)] = 300):
         self.selection = selection
         self.probe_every = probe_every
         self.probe_steps = probe_steps
@@ -128,7 +132,7 @@ class DebiasPlugin(Plugin):
     # ---- metrics -------------------------------------------------------------------------------------------
     def setup(self, ctx: "RunContext") -> None:
         if ctx.data.num_bias_classes is None or "bias" not in ctx.data.train.extras:
-            raise ValueError(f"debias plugins need a dataset with bias labels (batch['bias']); "
+            raise ConfigError(f"debias plugins need a dataset with bias labels (batch['bias']); "
                              f"dataset '{ctx.data.name}' has none: use e.g. dataset=biased_digits")
         self.num_bias = int(ctx.data.num_bias_classes)
 
@@ -181,10 +185,10 @@ class DebiasPlugin(Plugin):
         return []
 
 
+@option("debias", "vanilla")
 class Vanilla(DebiasPlugin):
     """Plain cross-entropy training with the debiasing metrics: the baseline of Tables 3.1 and 3.2."""
 
 
-#: decorator of a debiasing method taking ``(own options, **metric options)``: see
-#: :func:`regstory.plugins.with_options_of`
-with_debias_options = with_options_of(DebiasPlugin)
+#: the keys every debiasing method inherits (its ``**options``): selection, probe_every, probe_steps
+DebiasOptions = schema_of(DebiasPlugin)

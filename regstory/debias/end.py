@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from regstory.debias.base import DebiasPlugin, with_debias_options
+from regstory.debias.base import DebiasPlugin, Weight
+from regstory.options import option
 from regstory.utils import in_fp32
 
 if TYPE_CHECKING:
@@ -59,13 +60,13 @@ def entangling_term(gram: Tensor, target: Tensor, bias: Tensor) -> Tensor:
     return ((1 - gram) / 2 * mask).sum() / mask.sum().clamp(min=1)
 
 
-@with_debias_options
+@option("debias", "end")
 class EnD(DebiasPlugin):
     """EnD regulariser on the bottleneck (thesis sec. 3.4). Defaults alpha = beta = 0.1 are the authors'
     ``src/configs.py`` values; on the offline biased digits set alpha 5, beta 10 work (see the debias_digits_end
     preset)."""
 
-    def __init__(self, alpha: float = 0.1, beta: float = 0.1, **options):
+    def __init__(self, alpha: Weight = 0.1, beta: Weight = 0.1, **options):
         super().__init__(**options)
         self.alpha, self.beta = alpha, beta
 

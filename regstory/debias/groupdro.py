@@ -15,13 +15,14 @@ authors' ``--reweight_groups``, used in their CelebA command).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from torch import Tensor
 
 from regstory.data.device_loader import TensorLoader
-from regstory.debias.base import DebiasPlugin, with_debias_options
+from regstory.debias.base import DebiasPlugin, Weight
+from regstory.options import OneOf, option
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
@@ -36,6 +37,15 @@ def group_index(y: Tensor, bias: Tensor | None, num_bias: int, groups: str) -> T
 def group_dro_step(per_sample_loss: Tensor, group: Tensor, q: Tensor, eta: float,
                    adjustment: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One online Group DRO step: returns (robust loss, updated q). ``q`` is not modified in place."""
+    weights, q_new, adjusted = group_dro_weights(per_sample_loss, group, q, eta, adjustment)
+    return (weights * per_sample_loss).mean() + adjusted, q_new
+
+
+def group_dro_weights(per_sample_loss: Tensor, group: Tensor, q: Tensor, eta: float,
+                      adjustment: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The robust loss sum_g q_g l_g as per-sample weights: w_i = B q_g(i) / n_g(i) with n_g the batch count of the
+    sample's group, so mean_i(w_i l_i) = sum_g q_g (mean loss of group g). Returns (weights, updated q, the
+    adjustment's share sum_g q_g C / sqrt(n_g), a constant without gradient). ``q`` is not modified in place."""
     num_groups = len(q)
     counts = torch.bincount(group, minlength=num_groups).to(per_sample_loss.dtype)
     sums = torch.zeros(num_groups, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
@@ -47,7 +57,9 @@ def group_dro_step(per_sample_loss: Tensor, group: Tensor, q: Tensor, eta: float
     with torch.no_grad():
         q_new = torch.where(present, q * torch.exp(eta * group_loss.detach()), q)
         q_new = q_new / q_new.sum()
-    return (q_new * torch.where(present, group_loss, torch.zeros_like(group_loss))).sum(), q_new
+        weights = (len(group) * q_new / counts.clamp(min=1))[group]
+        adjusted = (q_new * adjustment * present).sum() if adjustment is not None else torch.zeros((), device=q.device)
+    return weights, q_new, adjusted
 
 
 class GroupBalancedLoader(TensorLoader):
@@ -64,15 +76,13 @@ class GroupBalancedLoader(TensorLoader):
         return order.to(self.split.x.device)
 
 
-@with_debias_options
+@option("debias", "groupdro")
 class GroupDRO(DebiasPlugin):
     """Online Group DRO. Defaults: eta 0.01 and C 0 (authors' ``--robust_step_size`` / ``--generalization_adjustment``)."""
 
-    def __init__(self, eta: float = 0.01, adjustment: float = 0.0, groups: str = "bias",
+    def __init__(self, eta: Weight = 0.01, adjustment: Weight = 0.0, groups: Annotated[str, OneOf(*GROUPINGS)] = "bias",
                  balanced_sampler: bool = True, **options):
         super().__init__(**options)
-        if groups not in GROUPINGS:
-            raise ValueError(f"debias.groups={groups} is invalid: must be one of {', '.join(GROUPINGS)}")
         self.eta, self.adjustment, self.groups, self.balanced_sampler = eta, adjustment, groups, balanced_sampler
 
     def setup(self, ctx: "RunContext") -> None:
@@ -86,10 +96,20 @@ class GroupDRO(DebiasPlugin):
         if self.balanced_sampler:
             ctx.loaders["train"] = GroupBalancedLoader(ctx.loaders["train"], group.to(ctx.loaders["train"].split.y.device))
 
-    def task_loss(self, ctx, batch, out) -> Tensor:
+    def claims(self) -> set[str]:
+        return super().claims() | ({"train_sampler"} if self.balanced_sampler else set())
+
+    def sample_weights(self, ctx, batch, out) -> Tensor:
+        """Group DRO's robust loss over the per-sample training loss, as per-sample weights (``group_dro_weights``)."""
         group = group_index(batch["y"], batch.get("bias"), self.num_bias, self.groups)
-        loss, self.q = group_dro_step(out.per_sample_loss, group, self.q, self.eta, self.adjust)
-        return loss
+        weights, self.q, self._adjusted = group_dro_weights(out.sample_loss.detach(), group, self.q, self.eta,
+                                                            self.adjust)
+        return weights
+
+    def extra_loss(self, ctx, batch, out) -> dict[str, Tensor]:
+        """The generalisation adjustment's share of the robust loss (a constant: it moves the loss, not the
+        gradient, but Group DRO reports it)."""
+        return {"groupdro_adjustment": self._adjusted} if self.adjust is not None else {}
 
     def end_epoch(self, ctx) -> dict[str, Any]:
         record = super().end_epoch(ctx)

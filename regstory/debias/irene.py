@@ -22,13 +22,14 @@ still reads the colour; a stronger H lowers that probe only where the task colla
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regstory.debias.base import DebiasPlugin, with_debias_options
+from regstory.debias.base import DebiasPlugin, Rate, Weight
+from regstory.options import Range, option
 from regstory.utils import in_fp32
 
 if TYPE_CHECKING:
@@ -90,16 +91,14 @@ class BiasHead:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-@with_debias_options
+@option("debias", "irene")
 class IRENE(DebiasPlugin):
     """IRENE (thesis sec. 3.5.1). Defaults from the authors' ``train.py``: alpha 0.5 (task-CE weight), gamma 0.2,
     head SGD lr 0.1, momentum 0.9, weight decay 1e-4, one head update per batch (``head_steps`` = 1)."""
 
-    def __init__(self, alpha: float = 0.5, gamma: float = 0.2, head_lr: float = 0.1, head_momentum: float = 0.9,
-                 head_weight_decay: float = 1e-4, head_steps: int = 1, **options):
+    def __init__(self, alpha: Weight = 0.5, gamma: Weight = 0.2, head_lr: Rate = 0.1, head_momentum: Weight = 0.9,
+                 head_weight_decay: Weight = 1e-4, head_steps: Annotated[int, Range(ge=1)] = 1, **options):
         super().__init__(**options)
-        if head_steps < 1:
-            raise ValueError(f"debias.head_steps={head_steps} is invalid: must be >= 1")
         self.alpha, self.gamma, self.head_steps = alpha, gamma, head_steps
         self.head_args = dict(lr=head_lr, momentum=head_momentum, weight_decay=head_weight_decay)
         self._pending: tuple[Tensor, Tensor] | None = None
@@ -108,8 +107,9 @@ class IRENE(DebiasPlugin):
         super().setup(ctx)
         self.head = BiasHead(ctx.model.head.in_features, self.num_bias, device=ctx.device, **self.head_args)
 
-    def task_loss(self, ctx, batch, out) -> Tensor:
-        return self.alpha * out.per_sample_loss.mean()
+    def sample_weights(self, ctx, batch, out) -> float:
+        """alpha, IRENE's weight on the task loss."""
+        return self.alpha
 
     def extra_loss(self, ctx, batch, out) -> dict[str, Tensor]:
         self._pending = (out.features.detach(), batch["bias"])

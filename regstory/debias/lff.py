@@ -13,14 +13,15 @@ whose gradient is q times this one.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
-from regstory.debias.base import DebiasPlugin, with_debias_options
+from regstory.debias.base import DebiasPlugin
+from regstory.options import Range, option
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
@@ -59,11 +60,12 @@ def relative_difficulty(ema_biased: Tensor, ema_debiased: Tensor) -> Tensor:
     return ema_biased / (ema_biased + ema_debiased + 1e-8)
 
 
-@with_debias_options
+@option("debias", "lff")
 class LfF(DebiasPlugin):
     """Learning from Failure. Defaults q = 0.7 and EMA alpha = 0.7 (authors' code)."""
 
-    def __init__(self, q: float = 0.7, ema_alpha: float = 0.7, **options):
+    def __init__(self, q: Annotated[float, Range(gt=0, le=1)] = 0.7, ema_alpha: Annotated[float, Range(ge=0, lt=1)] = 0.7,
+                 **options):
         super().__init__(**options)
         self.q, self.ema_alpha = q, ema_alpha
         self._biased_loss: Tensor | None = None
@@ -80,7 +82,9 @@ class LfF(DebiasPlugin):
         self.ema_b = LossEMA(labels, ctx.data.num_classes, self.ema_alpha)
         self.ema_d = LossEMA(labels, ctx.data.num_classes, self.ema_alpha)
 
-    def task_loss(self, ctx, batch, out) -> Tensor:
+    def sample_weights(self, ctx, batch, out) -> Tensor:
+        """LfF's relative difficulty W(x) = CE_B / (CE_B + CE_D) from the class-normalised loss EMAs (of the
+        cross-entropy, whatever the training loss is), and one GCE loss of the biased model for ``after_backward``."""
         logits_b = self.biased(batch["x"])
         ce_b = F.cross_entropy(logits_b.float(), batch["y"], reduction="none")
         self.ema_b.update(batch["index"], ce_b)
@@ -88,7 +92,7 @@ class LfF(DebiasPlugin):
         weight = relative_difficulty(self.ema_b.class_normalised(batch["index"]),
                                      self.ema_d.class_normalised(batch["index"])).detach()
         self._biased_loss = generalized_cross_entropy(logits_b, batch["y"], self.q).mean()
-        return (weight * out.per_sample_loss).mean()
+        return weight
 
     def after_backward(self, ctx) -> None:
         """Update f_B on its GCE loss (its graph is separate from f_D's). Under fp16 the loss goes through the run's

@@ -24,12 +24,13 @@ batch without pseudo-misaligned samples; here the weighted CE is always back-pro
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from torch import Tensor
 
-from regstory.debias.base import DebiasPlugin, with_debias_options, collect
+from regstory.debias.base import DebiasPlugin, Rate, Weight, collect
+from regstory.options import Range, option
 from regstory.debias.irene import BiasHead, mutual_information_proxy, probs_without_head_gradient
 
 if TYPE_CHECKING:
@@ -82,13 +83,13 @@ def alignment_weights(y: Tensor, b_hat: Tensor, num_classes: int) -> Tensor:
     return torch.where(misaligned, 1 / (1 - rho[b_hat]).clamp(min=1e-8), 1 / rho[y].clamp(min=1e-8))
 
 
-@with_debias_options
+@option("debias", "voronoi")
 class VoronoiMining(DebiasPlugin):
     """Two rounds: vanilla bias inference (round 0), then the re-weighted, information-removing retraining (round 1).
     Defaults: gamma 2 (authors' code), head SGD lr 0.1 / momentum 0.9 / wd 1e-4, one warm-up epoch."""
 
-    def __init__(self, gamma: float = 2.0, warmup_epochs: int = 1, head_lr: float = 0.1, head_momentum: float = 0.9,
-                 head_weight_decay: float = 1e-4, **options):
+    def __init__(self, gamma: Weight = 2.0, warmup_epochs: Annotated[int, Range(ge=0)] = 1, head_lr: Rate = 0.1,
+                 head_momentum: Weight = 0.9, head_weight_decay: Weight = 1e-4, **options):
         super().__init__(**options)
         self.gamma, self.warmup_epochs = gamma, warmup_epochs
         self.head_args = dict(lr=head_lr, momentum=head_momentum, weight_decay=head_weight_decay)
@@ -152,10 +153,9 @@ class VoronoiMining(DebiasPlugin):
         if ctx.round == DEBIAS:
             ctx.model.load_state_dict(self.initial_state)
 
-    def task_loss(self, ctx, batch, out) -> Tensor | None:
-        if ctx.round != DEBIAS:
-            return None
-        return (self.weights[batch["index"]] * out.per_sample_loss).mean()
+    def sample_weights(self, ctx, batch, out) -> Tensor | None:
+        """Round 1: the alignment weights of the batch's samples (round 0 trains unweighted)."""
+        return self.weights[batch["index"]] if ctx.round == DEBIAS else None
 
     def extra_loss(self, ctx, batch, out) -> dict[str, Tensor]:
         if ctx.round == INFERENCE:

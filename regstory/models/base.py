@@ -4,10 +4,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from regstory.options import option
 from regstory.registry import Registry
 
 MODELS: Registry = Registry("architecture")
 register_model = MODELS.register
+
+
+def model_option(name: str):
+    """Register a builder ``(input_shape, num_classes, **options)`` as architecture ``name`` here and as the ``arch``
+    schema ``<name>_schema`` (its keyword parameters after the two the runner passes)."""
+    def decorate(builder):
+        return register_model(name)(option("arch", name, exclude=("input_shape", "num_classes"))(builder))
+
+    return decorate
 
 
 class Classifier(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from regstory.models.base import Classifier, register_model
+from regstory.models.base import Classifier, model_option
 
 
 class LeNet5(Classifier):
@@ -25,7 +25,7 @@ class LeNet5(Classifier):
         return self.fc(self.conv(x))
 
 
-@register_model("lenet5")
+@model_option("lenet5")
 def lenet5(input_shape, num_classes: int) -> LeNet5:
     """LeNet-5 (Caffe): 431k parameters on 28x28 MNIST."""
     return LeNet5(input_shape, num_classes)

@@ -1,9 +1,12 @@
 """Fully connected nets: a configurable MLP (MNIST-1D, digits) and LeNet-300-100."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import Tensor, nn
 
-from regstory.models.base import Classifier, flat_dim, register_model
+from regstory.models.base import Classifier, flat_dim, model_option
+from regstory.options import OneOf, Range
 
 
 class MLP(Classifier):
@@ -26,9 +29,9 @@ class MLP(Classifier):
         return x
 
 
-@register_model("mlp")
-def mlp(input_shape, num_classes: int, width: int = 512, depth: int = 2, activation: str = "relu",
-        residual: bool = False) -> MLP:
+@model_option("mlp")
+def mlp(input_shape, num_classes: int, width: Annotated[int, Range(ge=1)] = 512, depth: Annotated[int, Range(ge=0)] = 2,
+        activation: Annotated[str, OneOf("relu", "tanh", "gelu")] = "relu", residual: bool = False) -> MLP:
     """MLP with ``depth`` hidden layers of ``width`` units (MNIST-1D default: 40-512-512-10).
 
     ``residual=true`` adds x + act(Wx + b) skips between equal-width hidden layers (a residual MLP).
@@ -36,7 +39,7 @@ def mlp(input_shape, num_classes: int, width: int = 512, depth: int = 2, activat
     return MLP(input_shape, num_classes, [width] * depth, activation, residual)
 
 
-@register_model("lenet300")
+@model_option("lenet300")
 def lenet300(input_shape, num_classes: int) -> MLP:
     """LeNet-300-100 (LeCun et al. 1998): flatten -> 300 -> 100 -> classes, ReLU."""
     return MLP(input_shape, num_classes, [300, 100])

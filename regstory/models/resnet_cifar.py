@@ -7,10 +7,16 @@ projection shortcuts; 11.2M parameters with 10 classes.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regstory.models.base import Classifier, register_model
+from regstory.models.base import Classifier, model_option
+from regstory.options import OneOf, Range
+
+#: A: zero-padding shortcuts (parameter-free), B: 1x1-conv projections
+Shortcut = Annotated[str, OneOf("A", "B")]
 
 
 class ZeroPadShortcut(nn.Module):
@@ -74,22 +80,22 @@ def _he_resnet(depth: int, input_shape, num_classes: int, shortcut: str) -> Cifa
     return CifarResNet(input_shape, num_classes, [n, n, n], [16, 32, 64], shortcut)
 
 
-@register_model("resnet20")
-def resnet20(input_shape, num_classes: int, shortcut: str = "A") -> CifarResNet:
+@model_option("resnet20")
+def resnet20(input_shape, num_classes: int, shortcut: Shortcut = "A") -> CifarResNet:
     return _he_resnet(20, input_shape, num_classes, shortcut)
 
 
-@register_model("resnet32")
-def resnet32(input_shape, num_classes: int, shortcut: str = "A") -> CifarResNet:
+@model_option("resnet32")
+def resnet32(input_shape, num_classes: int, shortcut: Shortcut = "A") -> CifarResNet:
     return _he_resnet(32, input_shape, num_classes, shortcut)
 
 
-@register_model("resnet56")
-def resnet56(input_shape, num_classes: int, shortcut: str = "A") -> CifarResNet:
+@model_option("resnet56")
+def resnet56(input_shape, num_classes: int, shortcut: Shortcut = "A") -> CifarResNet:
     return _he_resnet(56, input_shape, num_classes, shortcut)
 
 
-@register_model("resnet18")
-def resnet18(input_shape, num_classes: int, width: int = 64) -> CifarResNet:
+@model_option("resnet18")
+def resnet18(input_shape, num_classes: int, width: Annotated[int, Range(ge=1)] = 64) -> CifarResNet:
     """ResNet-18 for CIFAR (3x3 stem, no max-pool), option-B shortcuts; ``width`` scales every stage."""
     return CifarResNet(input_shape, num_classes, [2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], "B")

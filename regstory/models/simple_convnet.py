@@ -6,11 +6,15 @@ then global average pooling gives the bottleneck ``features(x)`` and a Linear he
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import Tensor, nn
 
-from regstory.models.base import Classifier, register_model
+from regstory.models.base import Classifier, model_option
+from regstory.options import OneOf, Range
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+Activation = Annotated[str, OneOf(*ACTIVATIONS)]
 
 
 class SimpleConvNet(Classifier):
@@ -46,9 +50,10 @@ class SimpleConvNet(Classifier):
         return self.encoder(x)
 
 
-@register_model("simple_convnet")
-def simple_convnet(input_shape, num_classes: int, channels=(16, 32, 64, 128), kernel_size: int = 7,
-                   pool_after=(), last_activation: str = "tanh") -> SimpleConvNet:
+@model_option("simple_convnet")
+def simple_convnet(input_shape, num_classes: int, channels: Annotated[list[int], Range(ge=1)] = (16, 32, 64, 128),
+                   kernel_size: Annotated[int, Range(ge=1)] = 7, pool_after: Annotated[list[int], Range(ge=0)] = (),
+                   last_activation: Activation = "tanh") -> SimpleConvNet:
     """ReBias's SimpleConvNet (4 x Conv7 + BN, 3-16-32-64-128, GAP, 128-d bottleneck), last activation Tanh."""
     return SimpleConvNet(input_shape, num_classes, tuple(channels), kernel_size, tuple(pool_after), last_activation)
 
@@ -75,8 +80,8 @@ class DebiasResNet18(Classifier):
         return self.body(x)
 
 
-@register_model("resnet18_debias")
-def resnet18_debias(input_shape, num_classes: int, last_activation: str = "relu",
+@model_option("resnet18_debias")
+def resnet18_debias(input_shape, num_classes: int, last_activation: Activation = "relu",
                     pretrained: bool = False) -> DebiasResNet18:
     """ImageNet ResNet-18 (224x224 inputs) with a 512-d bottleneck for the CelebA debiasing protocols."""
     return DebiasResNet18(num_classes, last_activation, pretrained)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from regstory.models.base import Classifier, register_model
+from regstory.models.base import Classifier, model_option
 
 
 class TorchvisionResNet(Classifier):
@@ -20,11 +20,11 @@ class TorchvisionResNet(Classifier):
         return self.body(x)
 
 
-@register_model("resnet50")
+@model_option("resnet50")
 def resnet50(input_shape, num_classes: int) -> TorchvisionResNet:
     return TorchvisionResNet("resnet50", num_classes)
 
 
-@register_model("resnet101")
+@model_option("resnet101")
 def resnet101(input_shape, num_classes: int) -> TorchvisionResNet:
     return TorchvisionResNet("resnet101", num_classes)

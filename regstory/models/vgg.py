@@ -1,9 +1,12 @@
 """VGG-16 with batch norm and AlexNet, both in their usual CIFAR variants (32x32 inputs)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import Tensor, nn
 
-from regstory.models.base import Classifier, register_model
+from regstory.models.base import Classifier, model_option
+from regstory.options import Range
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -27,13 +30,13 @@ class VGG(Classifier):
         return self.body(x)
 
 
-@register_model("vgg16")
+@model_option("vgg16")
 def vgg16(input_shape, num_classes: int) -> VGG:
     return VGG(input_shape, num_classes, VGG16_CFG)
 
 
-@register_model("vgg_small")
-def vgg_small(input_shape, num_classes: int, width: int = 64) -> VGG:
+@model_option("vgg_small")
+def vgg_small(input_shape, num_classes: int, width: Annotated[int, Range(ge=1)] = 64) -> VGG:
     """A shallow VGG-like net (4 conv layers) used as the distillation student of thesis Fig. 2.8."""
     w = width
     return VGG(input_shape, num_classes, [w, "M", 2 * w, "M", 4 * w, "M", 8 * w, "M"])
@@ -62,6 +65,6 @@ class AlexNetCifar(Classifier):
         return self.fc(self.conv(x))
 
 
-@register_model("alexnet")
-def alexnet(input_shape, num_classes: int, dropout: float = 0.5) -> AlexNetCifar:
+@model_option("alexnet")
+def alexnet(input_shape, num_classes: int, dropout: Annotated[float, Range(ge=0, lt=1)] = 0.5) -> AlexNetCifar:
     return AlexNetCifar(input_shape, num_classes, dropout)

@@ -3,32 +3,27 @@
 After each round, remove a fraction ``rate`` of the *remaining* prunable weights with the smallest |w|, over all
 prunable tensors together (``scope=global``, the SDD protocol) or in each tensor separately (``layerwise``).
 The retraining mode between rounds and everything else is :class:`regstory.pruning.base.PruningSweep`.
+Options: ``rate``, ``scope`` and the inherited :data:`regstory.pruning.base.PruningOptions`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from regstory.config import ConfigError
-from regstory.pruning.base import PruningSweep, with_sweep_options
+from regstory.options import OneOf, Range, option
+from regstory.pruning.base import PruningSweep
 from regstory.pruning.masks import prune_fraction, prune_to_sparsity
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
 
-SCOPES = ("global", "layerwise")
+#: fraction of the remaining weights pruned per round, and where weights compete
+Rate = Annotated[float, Range(gt=0, lt=1)]
+Scope = Annotated[str, OneOf("global", "layerwise")]
 
 
-def check_rate_and_scope(rate: float, scope: str) -> None:
-    if not 0 < rate < 1:
-        raise ConfigError(f"method.rate={rate} is invalid: must be in (0, 1)")
-    if scope not in SCOPES:
-        raise ConfigError(f"method.scope='{scope}' is unknown: use global or layerwise")
-
-
-@with_sweep_options
+@option("method", "imp")
 class IMP(PruningSweep):
-    def __init__(self, rate: float = 0.2, scope: str = "global", **common):
-        check_rate_and_scope(rate, scope)
+    def __init__(self, rate: Rate = 0.2, scope: Scope = "global", **common):
         super().__init__(**common)
         self.rate, self.scope = rate, scope
 

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from regstory.config import ConfigError
-from regstory.pruning.base import PruningSweep, with_sweep_options
-from regstory.pruning.magnitude import check_rate_and_scope
+from regstory.options import option
+from regstory.pruning.base import PruningSweep
+from regstory.pruning.magnitude import Rate, Scope
 from regstory.pruning.masks import prune_to_sparsity
 
 if TYPE_CHECKING:
@@ -22,8 +23,7 @@ if TYPE_CHECKING:
 class OneShotAtInit(PruningSweep):
     """Shared by random and SNIP: scores fixed at initialisation, each round pruned from init to its sparsity."""
 
-    def __init__(self, rate: float = 0.2, scope: str = "global", **common):
-        check_rate_and_scope(rate, scope)
+    def __init__(self, rate: Rate = 0.2, scope: Scope = "global", **common):
         common.setdefault("retrain", "rewind")
         if common["retrain"] not in ("rewind", "scratch") or common.get("rewind_epoch", 0) != 0:
             raise ConfigError("one-shot pruning at init needs method.retrain=rewind (to init, rewind_epoch=0) "
@@ -47,7 +47,7 @@ class OneShotAtInit(PruningSweep):
             prune_to_sparsity(self.masks, self.scores, self.round_sparsity(ctx.round), self.scope)
 
 
-@with_sweep_options
+@option("method", "random")
 class RandomPruning(OneShotAtInit):
     def init_scores(self, ctx: "RunContext") -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(int(ctx.cfg.seed) + 12345)

@@ -6,12 +6,13 @@ Round r trains, from init, the network keeping the highest-scored 1 - (1 - rate)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import torch.nn.functional as F
 
-from regstory.pruning.base import with_sweep_options
+from regstory.options import Range, option
+from regstory.pruning.magnitude import Rate, Scope
 from regstory.pruning.random import OneShotAtInit
 
 if TYPE_CHECKING:
@@ -28,9 +29,10 @@ def connection_sensitivity(model: torch.nn.Module, params: list[torch.Tensor], b
     return [(g * p.detach()).abs() for g, p in zip(grads, params)]
 
 
-@with_sweep_options
+@option("method", "snip")
 class SNIP(OneShotAtInit):
-    def __init__(self, rate: float = 0.2, scope: str = "global", batches: int = 1, **common):
+    def __init__(self, rate: Rate = 0.2, scope: Scope = "global", batches: Annotated[int, Range(ge=1)] = 1,
+                 **common):
         super().__init__(rate, scope, **common)
         self.batches = batches
 

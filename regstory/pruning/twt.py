@@ -10,13 +10,14 @@ The validation split is held out from the train set before label noise (``datase
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Annotated, Callable
 
 import torch
 from torch import Tensor
 
 from regstory.config import ConfigError
-from regstory.pruning.base import PruningSweep, with_sweep_options
+from regstory.options import Range, option
+from regstory.pruning.base import PruningSweep
 
 if TYPE_CHECKING:
     from regstory.loop import RunContext
@@ -56,11 +57,13 @@ def find_threshold(loss_at: Callable[[float], float], magnitudes: list[Tensor], 
     return lo, evals
 
 
-@with_sweep_options
+@option("method", "twt", overrides={"rounds": 10})
 class TWT(PruningSweep):
-    def __init__(self, twt: float = 0.05, eps: float = 1e-3, loss_tol: float = 0.05, **common):
-        if twt <= 0:
-            raise ConfigError(f"method.twt={twt} is invalid: must be > 0")
+    """Options: ``twt``, ``eps``, ``loss_tol`` and :data:`regstory.pruning.base.PruningOptions`, with 10 rounds
+    (each one costs a bisection of validation passes)."""
+
+    def __init__(self, twt: Annotated[float, Range(gt=0)] = 0.05, eps: Annotated[float, Range(gt=0)] = 1e-3,
+                 loss_tol: Annotated[float, Range(gt=0)] = 0.05, **common):
         super().__init__(**common)
         self.twt, self.eps, self.loss_tol = twt, eps, loss_tol
         self.last_threshold: float | None = None

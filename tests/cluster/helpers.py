@@ -22,10 +22,12 @@ class SlowEpochs(Plugin):
         return {}
 
 
-class SignalSelf(Plugin):
-    """Sends ``signal_name`` to its own process at the first training step of epoch ``at_epoch`` (0-based)."""
+class SignalSelf(SlowEpochs):
+    """Sends ``signal_name`` to its own process at the first training step of epoch ``at_epoch`` (0-based); sleeps
+    ``sleep_s`` at the end of each epoch like :class:`SlowEpochs`."""
 
-    def __init__(self, at_epoch: int = 1, signal_name: str = "SIGTERM"):
+    def __init__(self, at_epoch: int = 1, signal_name: str = "SIGTERM", sleep_s: float = 0.1):
+        super().__init__(sleep_s)
         self.at_epoch = at_epoch
         self.signal_name = signal_name
         self.sent = False

@@ -31,12 +31,17 @@ def snapshot(run_dir):
 
 # (case id, extra CLI args, exit code, text the message must contain); {run} = the finished run, {empty} = an empty dir
 CASES = [
-    ("unknown-group-option", ["method=nope"], 1, "Could not find 'method/nope'"),
-    ("unknown-key", ["trainer.nope=1"], 1, "trainer.nope"),
-    ("wrong-type", ["trainer.epochs=abc"], 1, "trainer.epochs=abc"),
-    ("negative-epochs", ["trainer.epochs=-3"], 2, "trainer.epochs=-3 is invalid"),
-    ("noise-rate-above-1", ["noise.rate=1.5"], 2, "noise.rate=1.5 is invalid: must be in [0, 1)"),
-    ("unknown-compile-mode", ["trainer.compile_mode=fastest"], 2, "trainer.compile_mode=fastest is invalid: must be one of default"),
+    ("unknown-group-option", ["method=nope"], 2, "Could not find 'method/nope'; available options in 'method': imp, none"),
+    ("unknown-key", ["trainer.nope=1"], 2, "trainer.nope is not a key of trainer; allowed: epochs"),
+    ("wrong-type", ["trainer.epochs=abc"], 2, "trainer.epochs must be an integer >= 1, got abc"),
+    ("wrong-type-in-a-derived-schema", ["method=imp", "method.rate=abc"], 2, "method.rate must be in (0, 1), got abc"),
+    ("negative-epochs", ["trainer.epochs=-3"], 2, "trainer.epochs must be an integer >= 1, got -3"),
+    ("noise-rate-above-1", ["noise.rate=1.5"], 2, "noise.rate must be in [0, 1), got 1.5"),
+    ("negative-width", ["arch.width=-3"], 2, "arch.width must be an integer >= 1, got -3"),
+    ("unknown-compile-mode", ["trainer.compile_mode=fastest"], 2,
+     "trainer.compile_mode must be one of default, reduce-overhead"),
+    ("debias-without-bias-labels", ["dataset=digits", "debias=end", "hydra.run.dir={empty}/run"], 2,
+     "debias plugins need a dataset with bias labels"),
     ("fp16-on-cpu", ["trainer.precision=fp16", "trainer.device=cpu"], 2, "trainer.precision=fp16 needs a CUDA device"),
     ("missing-data-on-resume", ["dataset=cifar10", "data.download=false", "data.root={empty}", "resume=true"], 2,
      "dataset 'cifar10' not found"),
@@ -56,10 +61,11 @@ def test_bad_cli_input_gives_clear_error_and_keeps_existing_run(tmp_path, finish
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert expected in proc.stderr
-    if code == 2:  # our own errors: exactly one line
-        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-        assert proc.stderr.startswith("regstory-run: error: ")
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], "exactly one line"
+    assert proc.stderr.startswith("regstory-run: error: ")
     assert snapshot(finished_run) == before
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
 
 
 def test_corrupt_checkpoint_with_resume_is_one_line_error_and_file_untouched(tmp_path, finished_run):

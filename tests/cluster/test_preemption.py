@@ -81,7 +81,7 @@ def test_sigusr2_in_submitit_job_hands_over_to_submitit_requeue_and_requeued_job
     calls: list[int] = []
     previous = signal.signal(signal.SIGUSR2, fake_submitit_handler(calls))
     try:
-        signalled = make_cfg(*TINY, *SLOW, "method._target_=tests.cluster.helpers.SignalSelf", "~method.sleep_s",
+        signalled = make_cfg(*TINY, *SLOW, "method._target_=tests.cluster.helpers.SignalSelf",
                              "+method.at_epoch=2", "+method.signal_name=SIGUSR2")
         with pytest.raises(SystemExit) as exit_info:
             run_or_exit(signalled, run_dir=tmp_path)
@@ -90,7 +90,7 @@ def test_sigusr2_in_submitit_job_hands_over_to_submitit_requeue_and_requeued_job
         assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["position"]["epoch"] == 3
 
         monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")  # the requeued job
-        resumed = make_cfg(*TINY, *SLOW, "method._target_=tests.cluster.helpers.SignalSelf", "~method.sleep_s",
+        resumed = make_cfg(*TINY, *SLOW, "method._target_=tests.cluster.helpers.SignalSelf",
                            "+method.at_epoch=99")  # same math, no signal this time
         run(resumed, run_dir=tmp_path)
     finally:
