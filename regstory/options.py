@@ -148,7 +148,7 @@ def allowed(annotation: Any) -> str:
     elif isinstance(tp, type) and issubclass(tp, Enum):
         text = "one of " + ", ".join(m.value for m in tp)
     elif isinstance(rule, Range):
-        text = f"an integer {rule}" if tp is int else str(rule)
+        text = f"an integer {rule}" if tp is int else f"a number {rule}" if tp is float else str(rule)
     elif origin is dict:
         text = "a mapping"
     else:

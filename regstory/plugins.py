@@ -41,7 +41,6 @@ Composition rules (owned by the engine, whatever the order of the plugins):
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -213,16 +212,3 @@ def edits_gradients_last(plugin: Plugin, ctx: "RunContext") -> bool:
     editors = [p for p in getattr(ctx, "plugins", []) if overrides(p, "after_backward")]
     return trainer is not None and bool(editors) and editors[-1] is plugin and not trainer.grad_clip
 
-
-def with_options_of(base: type) -> Callable[[type], type]:
-    """Class decorator for a subclass whose ``__init__`` takes ``(own options, **options)`` and hands ``options`` to
-    ``base``: gives the class the full explicit signature (its own keywords, then ``base``'s), so config keys are
-    checked (``regstory.config.check_targets``) against both, without repeating ``base``'s options."""
-    def decorate(cls: type) -> type:
-        own = [p for p in inspect.signature(cls.__init__).parameters.values()
-               if p.name != "self" and p.kind is not p.VAR_KEYWORD]
-        common = [p for p in inspect.signature(base.__init__).parameters.values() if p.name != "self"]
-        cls.__signature__ = inspect.Signature([p.replace(kind=p.KEYWORD_ONLY) for p in own + common])
-        return cls
-
-    return decorate

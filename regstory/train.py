@@ -402,7 +402,8 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 def preflight(argv: list[str]) -> None:
     """Compose and check every config the command line asks for (each job of a ``-m`` sweep) before Hydra creates any
-    folder: a wrong key, type or value prints ``regstory-run: error: <one line>`` and exits with status 2. Hydra's own
+    folder: a wrong key, type or value, or plugins that cannot run together, print ``regstory-run: error: <one line>``
+    and exit with status 2. Hydra's own
     help, info and completion flags, and ``--config-dir``/``--config-path``, are left to Hydra."""
     from hydra import initialize_config_dir
     from hydra._internal.utils import get_args_parser
@@ -422,9 +423,10 @@ def preflight(argv: list[str]) -> None:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=conf_dir(), version_base=None):
             for job in jobs:
-                compose_checked(job, args.config_name or "config")
-    except (ConfigError, HydraException) as err:
-        message = " ".join(str(err).split()) if isinstance(err, HydraException) else str(err)
+                build_plugins(compose_checked(job, args.config_name or "config"))  # plugins that cannot compose
+    except (ConfigError, CompositionError, HydraException) as err:
+        plain = isinstance(err, HydraException) and not isinstance(err, InstantiationException)
+        message = " ".join((str(err) if plain else _explain(err)).split())
         print(f"regstory-run: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

@@ -157,6 +157,7 @@ def test_a_refused_pair_is_one_line_on_the_cli(tmp_path):
     proc = run_cli(*TINY, "method=imp", "method.rounds=3", "debias=voronoi", f"hydra.run.dir={tmp_path / 'run'}",
                    cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before Hydra made the run dir
     assert proc.stderr.strip().splitlines() == [
         "regstory-run: error: method (IMP) runs 4 rounds and debias (VoronoiMining) 2: they cannot run together "
         "unless the numbers of rounds agree"]

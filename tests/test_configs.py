@@ -112,7 +112,7 @@ def test_a_new_method_is_one_decorated_class():
         schema = OPTIONS[("method", "test_only_method")]
         assert issubclass(schema, PruningOptions) and "factor" in {f.name for f in dataclasses.fields(schema)}
         assert Halve(rounds=3).factor == 0.5 and Halve(rounds=3).rounds == 3
-        with pytest.raises(ConfigError, match=r"method.factor must be in \(0, 1\], got 2"):
+        with pytest.raises(ConfigError, match=r"method.factor must be a number in \(0, 1\], got 2"):
             Halve(factor=2)
     finally:
         OPTIONS.pop(("method", "test_only_method"), None)
@@ -124,7 +124,7 @@ def test_constructors_check_types_and_ranges_by_key():
     from regstory.models import create
     from regstory.pruning.magnitude import IMP
 
-    with pytest.raises(ConfigError, match="method.rate must be in"):
+    with pytest.raises(ConfigError, match="method.rate must be a number in"):
         IMP(rate="abc")
     with pytest.raises(ConfigError, match="debias.head_steps must be an integer >= 1, got 0"):
         IRENE(head_steps=0)

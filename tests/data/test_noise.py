@@ -35,7 +35,7 @@ def test_same_seed_same_flipped_set_other_seed_differs():
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
 def test_rate_outside_unit_interval_is_rejected(rate):
-    with pytest.raises(ValueError, match=r"noise.rate must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"noise.rate must be a number in \[0, 1\)"):
         SymmetricNoise(rate=rate)
 
 

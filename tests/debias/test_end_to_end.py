@@ -72,7 +72,7 @@ def test_unknown_debias_option_fails_fast(tmp_path):
 
 @pytest.mark.parametrize("method", METHODS[1:])
 def test_each_method_takes_its_own_and_the_shared_metric_options_by_name(method):
-    """Subclasses inherit selection/probe_every/probe_steps (with_debias_options): the checked signature lists
+    """Subclasses inherit selection/probe_every/probe_steps (the DebiasOptions schema): the checked signature lists
     them, and they reach the base class."""
     import inspect
 
