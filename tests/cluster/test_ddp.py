@@ -38,12 +38,16 @@ def test_global_batch_must_split_evenly_over_ranks():
         per_rank_batch_size(65, DistEnv(rank=0, world=2))
 
 
-def test_torchrun_two_gloo_processes_match_one_process_and_only_rank0_writes(tmp_path):
+SHRINK = ["+plugins.shrink._target_=tests.test_surgery.ShrinkHidden"]  # model surgery after epoch 2: DDP re-wrapped
+
+
+@pytest.mark.parametrize("extra", [[], SHRINK], ids=["plain", "model-surgery"])
+def test_torchrun_two_gloo_processes_match_one_process_and_only_rank0_writes(tmp_path, extra):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     torchrun = str(Path(sys.executable).parent / "torchrun")
     proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", "-m", "regstory.train", *FAST,
-                             *DDP_RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             *DDP_RUN, *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=300)
@@ -55,9 +59,11 @@ def test_torchrun_two_gloo_processes_match_one_process_and_only_rank0_writes(tmp
     ddp = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in ddp] == [0, 1, 2], "one line per epoch: rank 0 writes, rank 1 does not"
     assert (run_dir / "summary.json").exists() and (run_dir / "checkpoints" / "last.pt").exists()
+    if extra:
+        assert [r.get("hidden_units") for r in ddp] == [None, 32, None]  # both ranks shrank, DDP wrapped the new model
 
     single_dir = tmp_path / "single"
-    run(make_cfg(*DDP_RUN), run_dir=single_dir)
+    run(make_cfg(*DDP_RUN, *extra), run_dir=single_dir)
     single = read_jsonl(single_dir / "metrics.jsonl")
     for a, b in zip(ddp, single):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
