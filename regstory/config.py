@@ -95,7 +95,7 @@ class TrainerConfig:
     channels_last: bool = True  # NHWC for 4-D inputs and conv weights: faster convs on CPU (oneDNN) and GPU tensor cores
     compile: bool = False
     compile_mode: Annotated[str, OneOf(*COMPILE_MODES)] = "default"  # reduce-overhead: CUDA graphs
-    num_threads: NonNegative = 0  # torch intra-op threads; 0 keeps torch's default
+    num_threads: NonNegative = 0  # torch intra-op threads; 0: auto (OMP_NUM_THREADS if set, one thread for a small CPU step, else torch's default: regstory.threads)
     num_workers: NonNegative = 4  # DataLoader workers, for large sets read from disk (ImageNet, CelebA)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
     eval_every: Positive = 1  # epochs between val/test passes (the last epoch always; debias plugins evaluate every epoch)
@@ -214,11 +214,19 @@ def _own_target(schema: type) -> Any:
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Type and range of every key of every schema node (``trainer.epochs``, ``plugins.second.rate``...)."""
+    """Type and range of every key of every schema node (``trainer.epochs``, ``plugins.second.rate``...), and no key
+    that its schema does not have (``+trainer.epoch=3``)."""
     def walk(node: DictConfig, data: dict, prefix: str) -> None:
         schema = OmegaConf.get_type(node)
         if dataclasses.is_dataclass(schema):
-            for key, annotation in hints(schema).items():
+            known = hints(schema)
+            retargeted = "_target_" in data and _own_target(schema) != data["_target_"]  # check_targets checks it
+            unknown = sorted(str(k) for k in data if k not in known and not str(k).startswith("_"))
+            if unknown and not retargeted:  # added with '+key=' or '++key=', which open the schema node
+                where = prefix.rstrip(".") or "the root config"
+                raise ConfigError(f"{prefix}{unknown[0]} is not a key of {where}; allowed: "
+                                  f"{', '.join(k for k in known if not k.startswith('_')) or '(none)'}")
+            for key, annotation in known.items():
                 if key in data and not key.startswith("_"):
                     check(prefix + key, annotation, data[key])
         for key, value in data.items():

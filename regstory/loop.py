@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -65,6 +66,9 @@ class RunContext:
     freezer: NeuronFreezer | None = None
     #: the step's activations for plugins that ask for them (``Plugin.activation_sites``); None when none does
     activations: ActivationRecorder | None = None
+    #: the epoch the current round starts at (0; a plugin's ``start_round`` may set k > 0: the round then trains
+    #: epochs k..epochs-1 with the lr schedule stepped k times, e.g. lottery-ticket rewinding to epoch k)
+    first_epoch: int = 0
 
     @property
     def wall_time_s(self) -> float:
@@ -419,15 +423,24 @@ def fit(ctx: RunContext, start: dict[str, Any] | None = None) -> list[dict[str, 
     start = start or {"round": 0, "epoch": 0, "round_started": False}
     rounds: list[dict[str, Any]] = []
     n_rounds = num_rounds(ctx.plugins)
+    ctx.logger.start(n_rounds, ctx.epochs, start["round"], start["epoch"] if start["round_started"] else 0)
     every, interval = int(ctx.cfg.trainer.checkpoint_every), float(ctx.cfg.trainer.checkpoint_interval_s)
     last_saved = time.monotonic()
     for ctx.round in range(start["round"], n_rounds):
         resuming_mid_round = ctx.round == start["round"] and start["round_started"]
         if not resuming_mid_round:
             ctx.history = []
+            ctx.first_epoch = 0
             ctx.rebuild_optimizer()  # a plugin's start_round may rebuild it again with its own lr / schedule
             ctx.call("start_round")
-        first_epoch = start["epoch"] if resuming_mid_round else 0
+            if ctx.first_epoch and ctx.scheduler is not None:  # the schedule as it stands at epoch first_epoch
+                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                    warnings.simplefilter("ignore", UserWarning)
+                    for _ in range(ctx.first_epoch):
+                        ctx.scheduler.step()
+        else:  # the checkpoint holds the scheduler's position; the round's records say where it started
+            ctx.first_epoch = ctx.history[0]["epoch"] if ctx.history else start["epoch"]
+        first_epoch = start["epoch"] if resuming_mid_round else ctx.first_epoch
         for ctx.epoch in range(first_epoch, ctx.epochs):
             record = run_epoch(ctx, hooks)
             ctx.history.append(record)
@@ -459,7 +472,7 @@ def run_epoch(ctx: RunContext, hooks: HookCaller) -> dict[str, Any]:
         loader.set_epoch(ctx.round, ctx.epoch)
     ctx.call("start_epoch")
     lr = ctx.optimizer.param_groups[0]["lr"]
-    batches = ctx.logger.progress.wrap(loader, len(loader), f"round {ctx.round} epoch {ctx.epoch + 1}/{ctx.epochs}")
+    batches = ctx.logger.progress.wrap(loader, len(loader), ctx.logger.progress.label(ctx.round, ctx.epoch))
     record: dict[str, Any] = {"round": ctx.round, "epoch": ctx.epoch}
     train_metrics = train_one_epoch(ctx, hooks, batches)
     record.update(ctx.reduce_metrics(train_metrics) if ctx.reduce_metrics is not None else train_metrics)
@@ -467,7 +480,7 @@ def run_epoch(ctx: RunContext, hooks: HookCaller) -> dict[str, Any]:
         ctx.scheduler.step()
     if not torch.isfinite(torch.tensor(record["train_loss"])):
         raise NonFiniteLossError(
-            f"training loss became {record['train_loss']} in round {ctx.round}, epoch {ctx.epoch}; "
+            f"training loss became {record['train_loss']} in round {ctx.round + 1}, epoch {ctx.epoch + 1}/{ctx.epochs}; "
             f"stopped, last good checkpoint kept in {ctx.run_dir / 'checkpoints'} (try a lower trainer.lr)")
     last = ctx.epoch + 1 == ctx.epochs
     if not hooks.evaluates and (last or (ctx.epoch + 1) % int(ctx.cfg.trainer.eval_every) == 0):

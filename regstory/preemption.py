@@ -1,5 +1,8 @@
 """Preemption: a signal asks the run to stop; it checkpoints at the next epoch boundary and exits for a requeue.
 
+Ctrl-C (SIGINT) is handled the same way and exits with status 130; a second Ctrl-C stops at once, keeping the last
+checkpoint written.
+
 SLURM (and submitit, torchrun, ``kill``) warn a job before killing it: SIGTERM, SIGUSR1, or SIGUSR2 (submitit's
 default preemption/timeout signal, ``SUBMITIT_PREEMPT_SIGNAL``). :class:`PreemptionGuard` turns each of them into a
 flag. The loop reads the flag once per epoch (``ctx.preemption.requested``), writes ``checkpoints/last.pt`` at that
@@ -31,22 +34,28 @@ log = logging.getLogger("regstory")
 #: exit status of a run stopped by a signal after writing its checkpoint (sysexits.h EX_TEMPFAIL: "try again")
 PREEMPTED_EXIT_CODE = 75
 
-#: the signals that ask a run to checkpoint and stop (SIGUSR2 is submitit's default preemption signal)
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+#: exit status of a run stopped by Ctrl-C after writing its checkpoint (the shell's 128 + SIGINT)
+INTERRUPTED_EXIT_CODE = 130
+
+#: the signals that ask a run to checkpoint and stop (SIGUSR2 is submitit's default preemption signal; SIGINT is
+#: Ctrl-C: a second one stops at once, without the checkpoint)
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
 
 class Preempted(Exception):
     """Raised at an epoch boundary after a preemption signal; the checkpoint for that boundary is on disk."""
 
     def __init__(self, signum: int, run_dir: Path, round_: int, next_epoch: int, previous_handler: Any = None):
+        # round_ is 0-based, next_epoch the number of epochs done in it: the message numbers both from 1 (epoch
+        # ``next_epoch`` is the one the console showed as ``epoch next_epoch/N``)
         self.signum = signum
         self.run_dir = Path(run_dir)
         self.round = round_
         self.next_epoch = next_epoch
         self.previous_handler = previous_handler
         super().__init__(
-            f"stopped by {signal.Signals(signum).name}: checkpoint written at round {round_}, epoch {next_epoch} "
-            f"in {self.run_dir / 'checkpoints'}; continue with: regstory-run <same overrides> resume=true "
+            f"stopped by {signal.Signals(signum).name}: checkpoint written after epoch {next_epoch} of round "
+            f"{round_ + 1} in {self.run_dir / 'checkpoints'}; continue with: regstory-run <same overrides> resume=true "
             f"hydra.run.dir={self.run_dir}")
 
 
@@ -63,7 +72,12 @@ class PreemptionGuard:
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
+        if signum == signal.SIGINT and self.signum is None:
+            log.warning("Ctrl-C: will checkpoint and stop at the end of this epoch (Ctrl-C again to stop at once, "
+                        "losing this epoch)")
+        elif self.signum is None:
             log.warning("received %s: will checkpoint and stop at the end of this epoch", signal.Signals(signum).name)
         self.signum = signum
 
@@ -104,6 +118,8 @@ def auto_resume(resume: bool, checkpoint: Path) -> bool:
 def exit_after_preemption(err: Preempted, stderr: Callable[[str], Any] | None = None) -> None:
     """Requeue through submitit if it installed the handler we replaced, else exit with PREEMPTED_EXIT_CODE."""
     (stderr or (lambda m: print(m, file=sys.stderr)))(f"regstory-run: preempted: {err}")
+    if err.signum == signal.SIGINT:
+        raise SystemExit(INTERRUPTED_EXIT_CODE)
     handler = err.previous_handler
     if callable(handler) and getattr(handler, "__module__", "").startswith("submitit"):
         handler(err.signum, None)  # submitit: checkpoint the DelayedSubmission, requeue, sys.exit

@@ -1,5 +1,8 @@
 """Where metrics go: ``metrics.jsonl`` (one JSON object per epoch), ``rounds.jsonl`` (one per round),
 Weights & Biases (offline by default), and the console (a progress bar on a terminal, a plain line otherwise).
+
+The console numbers rounds and epochs from 1 (``round 2/31 epoch 60/60``); the files keep 0-based ``round`` and
+``epoch`` fields. In a parallel sweep (joblib launcher) each console line starts with ``[job N]``.
 """
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -66,6 +70,22 @@ class JsonlWriter:
                 os.close(fd)
 
 
+def wandb_login_missing(mode: str) -> str | None:
+    """Why ``logger.wandb.mode=online`` cannot log (no API key in ``WANDB_API_KEY`` or ``~/.netrc``), or None."""
+    if str(mode) != "online" or os.environ.get("WANDB_API_KEY"):
+        return None
+    import netrc
+
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        if netrc.netrc().authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return ("logger.wandb.mode=online needs a W&B login: run `wandb login` or set WANDB_API_KEY; or keep the default "
+            "logger.wandb.mode=offline (sync later with `wandb sync <run dir>/wandb`)")
+
+
 class WandbRun:
     """A thin wrapper over a real ``wandb`` run; ``mode=disabled`` makes every call a no-op."""
 
@@ -108,29 +128,126 @@ class WandbRun:
             self.run = None
 
 
-class Progressbar:
-    """A tqdm bar per epoch on a terminal; otherwise nothing per batch and one plain log line per epoch."""
+def sweep_job() -> int | None:
+    """This job's number in a Hydra multirun whose jobs run at the same time (the joblib launcher:
+    ``hydra/launcher=joblib`` or ``local_parallel``); None for a single run, a sequential sweep, or outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-    def __init__(self, mode: Progress):
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    target = str((hc.launcher or {}).get("_target_", ""))
+    if hc.mode != RunMode.MULTIRUN or "joblib" not in target.lower() or hc.job.get("num") is None:
+        return None
+    return int(hc.job.num)
+
+
+class JobPrefix(logging.Formatter):
+    """Wraps a console formatter: every line it prints starts with ``[job N]``."""
+
+    def __init__(self, prefix: str, inner: logging.Formatter | None):
+        super().__init__()
+        self.prefix = prefix
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(f"{self.prefix} {line}" for line in self.inner.format(record).split("\n"))
+
+
+def label_console(job: int | None) -> None:
+    """In a parallel sweep, prefix each line of the console handlers (root's stream handlers, not its log files)
+    with ``[job N]``; nothing for ``job=None``. Applying it twice changes nothing."""
+    if job is None:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                and not isinstance(handler.formatter, JobPrefix):
+            handler.setFormatter(JobPrefix(f"[job {job}]", handler.formatter))
+
+
+def duration(seconds: float) -> str:
+    """``h:mm:ss``."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progressbar:
+    """The console side of a run: a tqdm bar per epoch on a terminal, else nothing per batch; one line per epoch
+    (``round r/R epoch e/N: <metrics> | ETA h:mm:ss``, 1-based, the round left out of one-round runs) except for
+    ``none``. In a parallel sweep (``job`` given) ``auto`` means plain lines: bars of several processes would
+    overwrite each other on one terminal."""
+
+    def __init__(self, mode: Progress, job: int | None = None, epochs: int | None = None):
         mode = Progress(mode)
         if mode is Progress.auto:
-            mode = Progress.bar if sys.stderr.isatty() else Progress.plain
+            mode = Progress.bar if sys.stderr.isatty() and job is None else Progress.plain
         self.mode = mode
+        self.job = job
+        self.rounds: int | None = None  # unknown until plan()
+        self.epochs = epochs
+        self._start: float | None = None
+        self._done_at_start = 0
+        self._eta: str | None = None
+
+    def plan(self, rounds: int, epochs: int, round_: int = 0, epoch: int = 0) -> None:
+        """The run's size (rounds, epochs per round) and where it starts (0-based round and epoch: a resumed run
+        starts later); the labels show ``r/R``, and the ETA counts from here."""
+        self.rounds, self.epochs = int(rounds), int(epochs)
+        self._start = time.monotonic()
+        self._done_at_start = round_ * self.epochs + epoch
+        self._eta = None
+
+    def label(self, round_: int, epoch: int) -> str:
+        """``round r/R epoch e/N`` for a 0-based (round, epoch); 1-based, as every console message numbers them."""
+        parts = []
+        if self.rounds is None:
+            parts.append(f"round {round_ + 1}")
+        elif self.rounds > 1:
+            parts.append(f"round {round_ + 1}/{self.rounds}")
+        parts.append(f"epoch {epoch + 1}/{self.epochs}" if self.epochs else f"epoch {epoch + 1}")
+        return " ".join(parts)
+
+    def round_label(self, round_: int) -> str:
+        """``round r/R`` (1-based) for a 0-based round."""
+        return f"round {round_ + 1}/{self.rounds}" if self.rounds else f"round {round_ + 1}"
+
+    def eta(self, round_: int, epoch: int) -> str | None:
+        """Time left after the 0-based (round, epoch) just finished, from the mean time per epoch since
+        :meth:`plan` (round ends included); None before plan() or after the last epoch."""
+        if self._start is None or not self.rounds or not self.epochs:
+            return None
+        done = round_ * self.epochs + epoch + 1
+        left = self.rounds * self.epochs - done
+        ran = done - self._done_at_start
+        if left <= 0 or ran <= 0:
+            return None
+        return duration((time.monotonic() - self._start) / ran * left)
 
     def wrap(self, batches: Iterable, total: int, desc: str) -> Iterator:
         if self.mode is not Progress.bar:
             return iter(batches)
         from tqdm.auto import tqdm
 
-        return iter(tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True))
+        desc = f"[job {self.job}] {desc}" if self.job is not None else desc
+        postfix = f"run ETA {self._eta}" if self._eta else None
+        return iter(tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, postfix=postfix))
 
     def epoch_line(self, record: dict[str, Any]) -> None:
+        round_, epoch = int(record.get("round", 0)), int(record.get("epoch", 0))
+        self._eta = self.eta(round_, epoch)
         if self.mode is Progress.none:
             return
-        keys = ["round", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "time_s"]
+        keys = ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "time_s"]
         extra = [k for k in ("sparsity",) if k in record]
-        parts = [f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}" for k in keys + extra if k in record]
-        log.info(" ".join(parts))
+        parts = [_metric(k, record[k]) for k in keys + extra if k in record]
+        eta = f" | ETA {self._eta}" if self._eta else ""
+        log.info("%s: %s%s", self.label(round_, epoch), " ".join(parts), eta)
+
+
+def _metric(key: str, value: Any) -> str:
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
 
 
 class RunLogger:
@@ -142,8 +259,18 @@ class RunLogger:
         self.enabled = enabled  # False on non-zero DDP ranks
         self.metrics = JsonlWriter(run_dir / METRICS_FILE)
         self.rounds = JsonlWriter(run_dir / ROUNDS_FILE)
-        self.progress = Progressbar(logger_cfg.progress if enabled else Progress.none)
+        job = sweep_job() if enabled else None
+        label_console(job)
+        self.progress = Progressbar(logger_cfg.progress if enabled else Progress.none, job,
+                                    flat_config.get("trainer.epochs"))
         self.wandb = WandbRun(logger_cfg.wandb, run_dir, flat_config, wandb_id, group) if enabled else None
+        if enabled:
+            log.info("run folder: %s", Path(run_dir).resolve())
+
+    def start(self, rounds: int, epochs: int, round_: int = 0, epoch: int = 0) -> None:
+        """The run's size and where it starts (0-based), for the ``round r/R epoch e/N`` labels and the ETA
+        (:meth:`Progressbar.plan`)."""
+        self.progress.plan(rounds, epochs, round_, epoch)
 
     def positions(self) -> dict[str, int]:
         """Line counts for a checkpoint, after making those lines durable (the checkpoint must not point past them)."""
@@ -167,8 +294,8 @@ class RunLogger:
             self.rounds.write(record)
             self.wandb.log({f"round/{k}": v for k, v in record.items()})
             # per-layer entries (``entropy/<layer>``...) stay in the files: the console line keeps network-level ones
-            log.info("end of round %s: %s", record.get("round"),
-                     " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and "/" not in k))
+            log.info("end of %s: %s", self.progress.round_label(int(record.get("round", 0))),
+                     " ".join(_metric(k, v) for k, v in record.items() if isinstance(v, float) and "/" not in k))
 
     @property
     def wandb_id(self) -> str | None:

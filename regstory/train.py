@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,13 @@ from regstory.models.base import count_parameters
 from regstory.freezing import NeuronFreezer
 from regstory.plugins import CompositionError, Plugin, activation_recorder, check_composition
 from regstory.surgery import rebuild
-from regstory.preemption import Preempted, PreemptionGuard, auto_resume, exit_after_preemption, in_requeued_job
+from regstory.threads import configure_threads
+from regstory.preemption import (INTERRUPTED_EXIT_CODE, Preempted, PreemptionGuard, auto_resume, exit_after_preemption,
+                                 in_requeued_job)
+from regstory.pairing import probe
 from regstory.registry import UnknownNameError
-from regstory.tracking import METRICS_FILE, ROUNDS_FILE, RunLogger, read_jsonl
+from regstory.resume import config_for_resume, explicit_override_keys, record_resume
+from regstory.tracking import METRICS_FILE, ROUNDS_FILE, RunLogger, read_jsonl, wandb_login_missing
 from regstory.utils import atomic_write_json, seed_everything, set_rng_states
 
 log = logging.getLogger("regstory")
@@ -197,14 +203,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     check_precision(str(cfg.trainer.precision), device)
     try:
         run_dir = distributed.share_run_dir(Path(run_dir) if run_dir is not None else None, env)
+        resume_changes = None
+        if auto_resume(cfg.resume, run_dir / "checkpoints" / LAST) and (run_dir / "checkpoints" / LAST).exists():
+            cfg, resume_changes = config_for_resume(cfg, run_dir, explicit_override_keys())
         with PreemptionGuard() as guard:
-            return _run(cfg, run_dir, device, env, guard)
+            return _run(cfg, run_dir, device, env, guard, resume_changes)
     finally:
         distributed.shutdown(env)
 
 
 def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.DistEnv,
-         guard: PreemptionGuard) -> dict[str, Any]:
+         guard: PreemptionGuard, resume_changes: dict[str, list[Any]] | None = None) -> dict[str, Any]:
     main_process = env.is_main
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +223,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
     resuming = auto_resume(cfg.resume, ckpt_path) or (in_requeued_job() and killed_early)
     if resuming and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt["position"].get("finished") and "trainer.epochs" in (resume_changes or {}):
+            raise ConfigError(f"the run in {run_dir} has finished: trainer.epochs can grow only for a run that has "
+                              f"not; start a new run for more epochs")
     elif resuming and (killed_early or not main_process):  # rank 0 checks and clears; the other ranks follow
         if main_process:
             log.warning("%s holds a run killed before its first checkpoint (trainer.checkpoint_interval_s): "
@@ -232,12 +244,17 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
         model = rebuild(ckpt["architecture"], ckpt["model"])
     else:
         model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
+    sample_flops = probe(model, tuple(bundle.input_shape), str(cfg.dataset.get("name")), cfg.arch)  # fits the data?
+    configure_threads(int(cfg.trainer.num_threads), sample_flops, int(cfg.trainer.batch_size), device)
     logger = RunLogger(run_dir, cfg.logger, flat_config(cfg), ckpt["wandb_id"] if ckpt else None, sweep_group(),
                        enabled=main_process)
     ctx = build_context(cfg, bundle, model, device, run_dir, logger, env, guard)
     if main_process:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        atomic_write_json(run_dir / "provenance.json", provenance(cfg, fingerprint(bundle)))
+        if ckpt is None:  # a resumed run keeps its original record; what the resume changed goes to resumes.jsonl
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            atomic_write_json(run_dir / "provenance.json", provenance(cfg, fingerprint(bundle)))
+        else:
+            record_resume(run_dir, resume_changes or {}, sys.argv)
     ctx.call("setup")
     ctx.enforce_pins()
 
@@ -247,7 +264,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
         start = None
         if ckpt is not None:
             start = restore(ctx, ckpt)
-            log.info("resuming from %s at round %d, epoch %d", ckpt_path, start["round"], start["epoch"])
+            where = (f"after epoch {start['epoch']} of round {start['round'] + 1}" if start["round_started"]
+                     else f"at the start of round {start['round'] + 1}")
+            log.info("resuming from %s %s", ckpt_path, where)
         if start is not None and start.get("finished"):
             log.info("the run in %s had already finished; rewriting its summary only", run_dir)
             rounds = read_jsonl(run_dir / ROUNDS_FILE)
@@ -359,17 +378,48 @@ def _explain(err: BaseException) -> str:
 def run_or_exit(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any] | None:
     """:func:`run`, with a user error shown as one line and exit status 2, and a preemption as exit status
     ``regstory.preemption.PREEMPTED_EXIT_CODE`` (or a submitit requeue). File-system errors (disk full...) are user errors too."""
+    started = time.time()
     try:
         return run(cfg, run_dir)
     except Preempted as err:
         log.warning("%s", err)
         exit_after_preemption(err)
+    except KeyboardInterrupt:
+        where = Path(run_dir) if run_dir is not None else _hydra_run_dir()
+        kept = (where / "checkpoints" / LAST).exists()
+        print("regstory-run: interrupted; " + (f"the last checkpoint is kept: continue with regstory-run <same "
+                                                f"overrides> resume=true hydra.run.dir={where}" if kept else
+                                                "no checkpoint was written yet"), file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     except USER_ERRORS + (InstantiationException, OSError) as err:
         message = _explain(err)
-        log.error(message)
+        log_to_files_only(logging.ERROR, message)
+        if run_dir is None:
+            discard_if_started_empty(_hydra_run_dir(), started)
         print(f"regstory-run: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     return None
+
+
+def log_to_files_only(level: int, message: str) -> None:
+    """Record ``message`` in the run's log file(s) but not on the console (the console gets one line of its own)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def discard_if_started_empty(run_dir: Path, started: float) -> None:
+    """Remove the run folder Hydra made for a run that failed at start-up: only when everything in it was written
+    by this process (since ``started``) and it holds no checkpoint or metrics, so nothing of an earlier run goes."""
+    if not run_dir.is_dir() or (run_dir / METRICS_FILE).exists() or (run_dir / "checkpoints").exists():
+        return
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    if all(p.stat().st_mtime >= started - 1 for p in files) and run_dir.stat().st_mtime >= started - 1:
+        for handler in logging.getLogger().handlers:  # Hydra's log file is in there
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir):
+                handler.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def hydra_entry(cfg: DictConfig) -> dict[str, Any] | None:
@@ -400,11 +450,12 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def preflight(argv: list[str]) -> None:
+def preflight(argv: list[str]) -> list[str]:
     """Compose and check every config the command line asks for (each job of a ``-m`` sweep) before Hydra creates any
-    folder: a wrong key, type or value, or plugins that cannot run together, print ``regstory-run: error: <one line>``
-    and exit with status 2. Hydra's own
-    help, info and completion flags, and ``--config-dir``/``--config-path``, are left to Hydra."""
+    folder: a wrong key, type or value, a W&B mode that cannot log, or plugins that cannot run together print ``regstory-run: error: <one line>`` (every bad point of a sweep in that line) and exit
+    with status 2. Returns ``argv``, plus ``dataset=<its data set>`` when an architecture is chosen without a data
+    set (:func:`regstory.pairing.natural_dataset`), and without Hydra's ``.hydra/`` output on ``resume=true``. Hydra's own help, info and completion flags, and
+    ``--config-dir``/``--config-path``, are left to Hydra."""
     from hydra import initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
@@ -413,34 +464,89 @@ def preflight(argv: list[str]) -> None:
     from regstory.config import compose_checked
 
     if {"--version", "-h", "--help", "--hydra-help"} & set(argv):
-        return
+        return argv
     args = get_args_parser().parse_args(argv)
     if args.info or args.shell_completion or args.experimental_rerun or args.config_dir or args.config_path:
-        return
+        return argv
     overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    config_name = args.config_name or "config"
+    problems: list[tuple[list[str], str]] = []
+    GlobalHydra.instance().clear()
     try:
         jobs = sweep_jobs(overrides) if args.multirun else [overrides]
-        GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            added = with_natural_dataset(overrides, config_name)
             for job in jobs:
-                build_plugins(compose_checked(job, args.config_name or "config"))  # plugins that cannot compose
-    except (ConfigError, CompositionError, HydraException) as err:
-        plain = isinstance(err, HydraException) and not isinstance(err, InstantiationException)
-        message = " ".join((str(err) if plain else _explain(err)).split())
-        print(f"regstory-run: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+                try:
+                    cfg = compose_checked([*job, *added], config_name)
+                    login = wandb_login_missing(cfg.logger.wandb.mode)
+                    if login:
+                        raise ConfigError(login)
+                    build_plugins(cfg)  # plugins that cannot compose
+                except (ConfigError, CompositionError, HydraException) as err:
+                    problems.append((job, _one_line(err)))
+    except (ConfigError, HydraException) as err:
+        problems.append(([], _one_line(err)))
     finally:
         GlobalHydra.instance().clear()
+    if problems:
+        print(f"regstory-run: error: {describe_problems(problems, jobs if args.multirun else [overrides])}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if added:
+        print(f"regstory-run: {added[0].split('=')[1]} is this architecture's data set (dataset=... for another)",
+              file=sys.stderr)
+    if "resume=true" in overrides and not any(o.startswith("hydra.output_subdir=") for o in args.overrides):
+        added.append("hydra.output_subdir=null")  # Hydra would rewrite the run's .hydra/ record of how it started
+    return [*argv, *added]
+
+
+def _one_line(err: BaseException) -> str:
+    from hydra.errors import HydraException
+
+    plain = isinstance(err, HydraException) and not isinstance(err, InstantiationException)
+    return " ".join((str(err) if plain else _explain(err)).split())
+
+
+def describe_problems(problems: list[tuple[list[str], str]], jobs: list[list[str]]) -> str:
+    """One line for every bad job: the message alone for one run, ``k of n sweep points ...`` for a sweep, each point
+    named by the overrides that vary over the sweep."""
+    if len(jobs) == 1 or len(problems) == 1 and not problems[0][0]:
+        return problems[0][1]
+    common = set.intersection(*(set(job) for job in jobs))
+    points = "; ".join(f"[{' '.join(o for o in job if o not in common)}] {message}" for job, message in problems)
+    return f"{len(problems)} of {len(jobs)} sweep points are invalid, nothing was run: {points}"
+
+
+def with_natural_dataset(overrides: list[str], config_name: str) -> list[str]:
+    """``["dataset=<name>"]`` when the command line picks an architecture (one, not a sweep of several) but neither
+    a data set nor an experiment preset, and the architecture is made for another data set than the default."""
+    from hydra import compose
+
+    from regstory.pairing import natural_dataset
+
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    picks_arch = any(k == "arch" for k in keys) and not any(o.startswith(("arch=", "+arch=")) and "," in o
+                                                           for o in overrides)
+    if not picks_arch or any(k in ("dataset", "experiment") or k.startswith("dataset@") for k in keys):
+        return []
+    cfg = compose(config_name, overrides=list(overrides))
+    natural = natural_dataset(cfg.arch)
+    return [f"dataset={natural}"] if natural and natural != cfg.dataset.get("name") else []
 
 
 def main() -> None:
     import hydra
 
+    from regstory.cli import answer_help_or_version
+
+    if answer_help_or_version(sys.argv[1:]):
+        return
     register_configs()
     if distributed.is_worker_rank():
         worker_rank_main(sys.argv[1:])
         return
-    preflight(sys.argv[1:])
+    sys.argv[1:] = preflight(sys.argv[1:])
     hydra.main(version_base=None, config_path=conf_dir(), config_name="config")(hydra_entry)()
 
 

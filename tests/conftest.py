@@ -1,10 +1,25 @@
 """Shared test helpers: compose a config the way ``regstory-run`` does, and run the CLI in a subprocess."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+# Before anything imports wandb (or matplotlib): what runs would write under the home folder (W&B's dirs, the data
+# root, matplotlib's cache) goes to one temporary folder per test session, removed at exit; subprocesses inherit it.
+# The masked-SGD kernel build cache goes to build/torch_extensions of the checkout (kept: a build takes ~20 s).
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="regstory-tests-"))
+HOME_DIRS = {"WANDB_DIR": "wandb", "WANDB_CACHE_DIR": "wandb-cache", "WANDB_CONFIG_DIR": "wandb-config",
+             "WANDB_DATA_DIR": "wandb-data", "REGSTORY_DATA": "data", "MPLCONFIGDIR": "matplotlib"}
+for _var, _name in HOME_DIRS.items():
+    os.environ[_var] = str(SESSION_DIR / _name)
+    (SESSION_DIR / _name).mkdir()
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "build" / "torch_extensions"))
+atexit.register(shutil.rmtree, SESSION_DIR, True)
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ def test_regstory_run_mnist1d_from_any_directory(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_test_acc"] == records[-1]["test_acc"]
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "checkpoints" / "last.pt").exists()
-    assert "epoch=1" in proc.stdout + proc.stderr  # one plain line per epoch when not on a terminal
+    assert "epoch 2/2: " in proc.stdout + proc.stderr  # one plain line per epoch when not on a terminal
 
 
 def test_multirun_sweeps_noise_and_seed(tmp_path):

@@ -39,9 +39,10 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise(monkeypatch, 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     plain = Progressbar(Progress.auto)
     assert plain.mode is Progress.plain and list(plain.wrap([1, 2], 2, "x")) == [1, 2]
+    plain.plan(rounds=1, epochs=10)
     with caplog.at_level(logging.INFO, logger="regstory"):
         plain.epoch_line({"round": 0, "epoch": 3, "train_loss": 0.5})
-    assert "epoch=3" in caplog.text and "train_loss=0.5" in caplog.text
+    assert "epoch 4/10: " in caplog.text and "train_loss=0.5" in caplog.text
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = Progressbar(Progress.auto)
     assert bar.mode is Progress.bar
@@ -68,3 +69,25 @@ def test_metric_lines_are_made_durable_when_a_checkpoint_records_them_not_per_li
     assert synced == []
     assert logger.positions() == {"metrics_lines": 3, "rounds_lines": 0}
     assert synced == [str(tmp_path / "metrics.jsonl")]
+
+
+def test_the_suite_keeps_wandb_and_data_out_of_the_home_folder():
+    """conftest points W&B's folders and the data root at a temporary folder before wandb is imported."""
+    import os
+    from pathlib import Path
+
+    home = Path.home().resolve()
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "REGSTORY_DATA"):
+        path = Path(os.environ[var]).resolve()
+        assert path.is_dir() and not path.is_relative_to(home), (var, path)
+
+
+def test_an_offline_wandb_run_writes_nothing_under_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(make_cfg("dataset=mnist1d", "arch=mlp", "arch.width=8", "trainer.epochs=1", "logger.wandb.mode=offline"),
+        run_dir=tmp_path / "run")
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regstory.config import ConfigError
-from regstory.options import Range, option, schema_of
+from regstory.options import OneOf, Range, option, schema_of
 from regstory.plugins import Plugin
 
 if TYPE_CHECKING:
@@ -40,6 +40,23 @@ Weight = Annotated[float, Range(ge=0)]
 Rate = Annotated[float, Range(gt=0)]
 
 GROUP_METRICS = ("acc", "unbiased_acc", "conflicting_acc", "aligned_acc", "worst_group_acc")
+
+
+def minimised(metric: str) -> bool:
+    """Whether a lower value of ``metric`` is better: losses are minimised, everything else (accuracies) maximised."""
+    return metric.endswith("loss")
+
+
+#: what ``selection`` may name: the last epoch, or a metric of the validation split (never of the test split)
+SELECTIONS = ("last", "val_loss", *(f"val_{k}" for k in GROUP_METRICS))
+
+
+def check_selection(selection: str) -> None:
+    """Refuse a selection metric that is not ``last`` or a validation metric (one line, :class:`ConfigError`)."""
+    if selection in SELECTIONS:
+        return
+    where = " selects on the test split" if selection.startswith("test_") or selection.endswith("probe_acc") else ""
+    raise ConfigError(f"debias.selection={selection}{where}: must be one of {', '.join(SELECTIONS)}")
 
 
 def group_accuracies(pred: Tensor, y: Tensor, bias: Tensor, num_classes: int, num_bias: int) -> Tensor:
@@ -115,7 +132,8 @@ class DebiasPlugin(Plugin):
 
     Args:
         selection: the val metric (a key of the epoch record, e.g. ``val_unbiased_acc``) whose best epoch of the
-            last round is reported as ``selected_*`` in summary.json; ``last`` reports the last epoch only.
+            last round is reported as ``selected_*`` in summary.json (lowest for a ``*loss`` key, highest otherwise);
+            ``last`` reports the last epoch only. Anything else than ``last`` or ``val_*`` is refused (ConfigError).
         probe_every: fit the bias probe every this many epochs (and always at a round's last epoch); 0 = never.
         probe_steps: full-batch optimisation steps of the bias probe.
     """
@@ -123,8 +141,9 @@ class DebiasPlugin(Plugin):
     needs_features = True
     evaluates = True
 
-    def __init__(self, selection: str = "val_unbiased_acc", probe_every: Annotated[int, Range(ge=0)] = 1,
+    def __init__(self, selection: Annotated[str, OneOf(*SELECTIONS)] = "val_unbiased_acc", probe_every: Annotated[int, Range(ge=0)] = 1,
                  probe_steps: Annotated[int, Range(ge=1)] = 300):
+        check_selection(selection)
         self.selection = selection
         self.probe_every = probe_every
         self.probe_steps = probe_steps
@@ -135,6 +154,9 @@ class DebiasPlugin(Plugin):
             raise ConfigError(f"debias plugins need a dataset with bias labels (batch['bias']); "
                              f"dataset '{ctx.data.name}' has none: use e.g. dataset=biased_digits")
         self.num_bias = int(ctx.data.num_bias_classes)
+        if self.selection != "last" and ctx.data.val is None:
+            raise ConfigError(f"debias.selection={self.selection} needs a validation split, and dataset "
+                              f"'{ctx.data.name}' has none: set dataset.val_fraction > 0 or debias.selection=last")
 
     def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
         record: dict[str, Any] = {}
@@ -170,11 +192,13 @@ class DebiasPlugin(Plugin):
         summary: dict[str, Any] = {f"last_{k}": history[-1].get(k) for k in keys}
         summary["selection"] = self.selection
         if self.selection != "last":
-            scored = [r for r in history if r.get(self.selection) is not None]
+            last_round = history[-1]["round"]  # Voronoi's round 0 is its vanilla bias-inference model
+            scored = [r for r in history if r["round"] == last_round and r.get(self.selection) is not None
+                      and r[self.selection] == r[self.selection]]  # NaN (an empty group) never wins
             if not scored:
-                raise ValueError(f"debias.selection={self.selection} is not a logged metric; use e.g. "
-                                 f"val_unbiased_acc, val_worst_group_acc or last")
-            best = max(scored, key=lambda r: r[self.selection])
+                raise ValueError(f"debias.selection={self.selection}: no epoch of round {last_round} logged it")
+            sign = -1.0 if minimised(self.selection) else 1.0
+            best = max(scored, key=lambda r: sign * r[self.selection])  # max keeps the first of equal scores
             summary.update({f"selected_{k}": best.get(k) for k in keys})
             summary.update(selected_epoch=best["epoch"], selected_round=best["round"],
                            selected_score=best[self.selection])

@@ -11,17 +11,27 @@ G = y~ y~' (g_ij in [-1, 1]) and adds two terms to the task loss (thesis sec. 3.
 
 L = CE + alpha * R_perp + beta * R_par. The thesis: the disentangling term should weigh less than the entangling one.
 
-Deviations from the authors' code, both cheap to state: (1) the normalised features feed only the regulariser,
-not the classifier (the code normalises in the forward path, so its classifier sees unit-norm features); (2) every
-same-target different-bias pair is counted (the code's strict-lower-triangle mask keeps about half of them).
+Normalised bottleneck (``normalize_classifier_input``, default true as the authors): the authors' code wraps the
+global average pool as ``Sequential(GAP, pattern_norm)`` (``src/models.py``), so the L2 normalisation sits in the
+forward path: the classifier is trained and tested on the unit-norm features z~, and the forward hook that feeds
+the regulariser reads the same z~. Here the plugin puts a forward pre-hook on the model's ``head`` (the classifier
+sees z / ||z||, in training and in every evaluation) and a forward hook on the model, so the bottleneck features
+it returns (the regulariser's input, and the bias probe's) are the same z~. ``false`` feeds z~ to the regulariser
+only and leaves the network as built. (The authors' ``pattern_norm`` acts only on tensors of more than 2 dims; on
+the 4-D GAP output it does act.) The bottleneck must be able to take negative values for the disentangling term to
+reach 0: the authors replace the last ReLU by Tanh (SimpleConvNet's default here; ``arch.last_activation=tanh``
+for the CelebA ResNet-18, which the ``table3_2`` preset sets for EnD).
+
+Deviation from the authors' code: every same-target different-bias pair is counted (the code's strict-lower-
+triangle mask keeps about half of them).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from regstory.debias.base import DebiasPlugin, Weight
 from regstory.options import option
@@ -60,15 +70,51 @@ def entangling_term(gram: Tensor, target: Tensor, bias: Tensor) -> Tensor:
     return ((1 - gram) / 2 * mask).sum() / mask.sum().clamp(min=1)
 
 
+def unit_norm(z: Tensor) -> Tensor:
+    """z / ||z|| per sample (flattened), computed in fp32 and returned in z's dtype (fp16's eps would be 0)."""
+    return F.normalize(z.float().flatten(1), dim=1).to(z.dtype)
+
+
+def normalise_bottleneck(model: nn.Module) -> list[Any]:
+    """Make ``model`` (a :class:`regstory.models.base.Classifier`) feed unit-norm bottleneck features to its head and
+    return them as its features (the authors' ``Sequential(GAP, pattern_norm)``). Returns the hook handles."""
+    def head_input(module, args):
+        return (unit_norm(args[0]), *args[1:])
+
+    def returned_features(module, args, output):
+        if isinstance(output, tuple):  # forward(x, return_features=True): (logits, z)
+            return (output[0], unit_norm(output[1]), *output[2:])
+        return output
+
+    return [model.head.register_forward_pre_hook(head_input), model.register_forward_hook(returned_features)]
+
+
 @option("debias", "end")
 class EnD(DebiasPlugin):
     """EnD regulariser on the bottleneck (thesis sec. 3.4). Defaults alpha = beta = 0.1 are the authors'
     ``src/configs.py`` values; on the offline biased digits set alpha 5, beta 10 work (see the debias_digits_end
-    preset)."""
+    preset). ``normalize_classifier_input``: the classifier sees the unit-norm features too (the authors' code)."""
 
-    def __init__(self, alpha: Weight = 0.1, beta: Weight = 0.1, **options):
+    def __init__(self, alpha: Weight = 0.1, beta: Weight = 0.1, normalize_classifier_input: bool = True, **options):
         super().__init__(**options)
         self.alpha, self.beta = alpha, beta
+        self.normalize_classifier_input = normalize_classifier_input
+        self._hooks: list[Any] = []
+        self._hooked: nn.Module | None = None
+
+    def setup(self, ctx: "RunContext") -> None:
+        super().setup(ctx)
+        self._attach(ctx.model)
+
+    def model_replaced(self, ctx: "RunContext", change) -> None:
+        self._attach(ctx.model)
+
+    def _attach(self, model: nn.Module) -> None:
+        if not self.normalize_classifier_input or model is self._hooked:
+            return
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._hooked = normalise_bottleneck(model), model
 
     def extra_loss(self, ctx: "RunContext", batch, out) -> dict[str, Tensor]:
         gram = gram_matrix(out.features)

@@ -10,6 +10,10 @@ Groups (``groups``):
 * ``target``: g = y, the target classes alone. It reads no bias label: this is the bias-agnostic variant (Table 3.2
   marks Group DRO as bias-agnostic; with groups = classes it is a class-level DRO).
 
+Model selection (``selection``, default ``val_worst_group_acc``): the epoch with the best worst-group validation
+accuracy, as the authors' ``--save_best`` does for robust and re-weighted runs (``train.py``: the min over the groups
+of the validation split).
+
 ``balanced_sampler`` draws training batches with replacement with probability proportional to 1 / n_g (the
 authors' ``--reweight_groups``, used in their CelebA command).
 """
@@ -76,9 +80,10 @@ class GroupBalancedLoader(TensorLoader):
         return order.to(self.split.x.device)
 
 
-@option("debias", "groupdro")
+@option("debias", "groupdro", overrides={"selection": "val_worst_group_acc"})
 class GroupDRO(DebiasPlugin):
-    """Online Group DRO. Defaults: eta 0.01 and C 0 (authors' ``--robust_step_size`` / ``--generalization_adjustment``)."""
+    """Online Group DRO. Defaults: eta 0.01 and C 0 (authors' ``--robust_step_size`` / ``--generalization_adjustment``),
+    selection on the worst-group validation accuracy (``--save_best``)."""
 
     def __init__(self, eta: Weight = 0.01, adjustment: Weight = 0.0, groups: Annotated[str, OneOf(*GROUPINGS)] = "bias",
                  balanced_sampler: bool = True, **options):

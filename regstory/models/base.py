@@ -1,6 +1,8 @@
 """The model interface every architecture follows: ``features`` (the bottleneck) then a linear ``head``."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -11,10 +13,17 @@ MODELS: Registry = Registry("architecture")
 register_model = MODELS.register
 
 
-def model_option(name: str):
+#: each architecture's natural data set by builder path (``_target_``), the thesis' pairing:
+#: ``regstory-run arch=resnet32`` without ``dataset=`` trains on it (:mod:`regstory.pairing`)
+NATURAL_DATA: dict[str, str] = {}
+
+
+def model_option(name: str, data: str):
     """Register a builder ``(input_shape, num_classes, **options)`` as architecture ``name`` here and as the ``arch``
-    schema ``<name>_schema`` (its keyword parameters after the two the runner passes)."""
+    schema ``<name>_schema`` (its keyword parameters after the two the runner passes); ``data``: the dataset option
+    it is made for."""
     def decorate(builder):
+        NATURAL_DATA[f"{builder.__module__}.{builder.__name__}"] = data
         return register_model(name)(option("arch", name, exclude=("input_shape", "num_classes"))(builder))
 
     return decorate
@@ -43,4 +52,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def flat_dim(input_shape: tuple[int, ...]) -> int:
-    return int(torch.tensor(input_shape).prod())
+    return math.prod(int(d) for d in input_shape)

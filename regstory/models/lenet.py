@@ -25,7 +25,7 @@ class LeNet5(Classifier):
         return self.fc(self.conv(x))
 
 
-@model_option("lenet5")
+@model_option("lenet5", data="mnist")
 def lenet5(input_shape, num_classes: int) -> LeNet5:
     """LeNet-5 (Caffe): 431k parameters on 28x28 MNIST."""
     return LeNet5(input_shape, num_classes)

@@ -29,7 +29,7 @@ class MLP(Classifier):
         return x
 
 
-@model_option("mlp")
+@model_option("mlp", data="mnist1d")
 def mlp(input_shape, num_classes: int, width: Annotated[int, Range(ge=1)] = 512, depth: Annotated[int, Range(ge=0)] = 2,
         activation: Annotated[str, OneOf("relu", "tanh", "gelu")] = "relu", residual: bool = False) -> MLP:
     """MLP with ``depth`` hidden layers of ``width`` units (MNIST-1D default: 40-512-512-10).
@@ -39,7 +39,7 @@ def mlp(input_shape, num_classes: int, width: Annotated[int, Range(ge=1)] = 512,
     return MLP(input_shape, num_classes, [width] * depth, activation, residual)
 
 
-@model_option("lenet300")
+@model_option("lenet300", data="mnist")
 def lenet300(input_shape, num_classes: int) -> MLP:
     """LeNet-300-100 (LeCun et al. 1998): flatten -> 300 -> 100 -> classes, ReLU."""
     return MLP(input_shape, num_classes, [300, 100])

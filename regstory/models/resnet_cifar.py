@@ -80,22 +80,22 @@ def _he_resnet(depth: int, input_shape, num_classes: int, shortcut: str) -> Cifa
     return CifarResNet(input_shape, num_classes, [n, n, n], [16, 32, 64], shortcut)
 
 
-@model_option("resnet20")
+@model_option("resnet20", data="cifar10")
 def resnet20(input_shape, num_classes: int, shortcut: Shortcut = "A") -> CifarResNet:
     return _he_resnet(20, input_shape, num_classes, shortcut)
 
 
-@model_option("resnet32")
+@model_option("resnet32", data="cifar10")
 def resnet32(input_shape, num_classes: int, shortcut: Shortcut = "A") -> CifarResNet:
     return _he_resnet(32, input_shape, num_classes, shortcut)
 
 
-@model_option("resnet56")
+@model_option("resnet56", data="cifar10")
 def resnet56(input_shape, num_classes: int, shortcut: Shortcut = "A") -> CifarResNet:
     return _he_resnet(56, input_shape, num_classes, shortcut)
 
 
-@model_option("resnet18")
+@model_option("resnet18", data="cifar10")
 def resnet18(input_shape, num_classes: int, width: Annotated[int, Range(ge=1)] = 64) -> CifarResNet:
     """ResNet-18 for CIFAR (3x3 stem, no max-pool), option-B shortcuts; ``width`` scales every stage."""
     return CifarResNet(input_shape, num_classes, [2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], "B")

@@ -50,7 +50,7 @@ class SimpleConvNet(Classifier):
         return self.encoder(x)
 
 
-@model_option("simple_convnet")
+@model_option("simple_convnet", data="biased_mnist")
 def simple_convnet(input_shape, num_classes: int, channels: Annotated[list[int], Range(ge=1)] = (16, 32, 64, 128),
                    kernel_size: Annotated[int, Range(ge=1)] = 7, pool_after: Annotated[list[int], Range(ge=0)] = (),
                    last_activation: Activation = "tanh") -> SimpleConvNet:
@@ -80,7 +80,7 @@ class DebiasResNet18(Classifier):
         return self.body(x)
 
 
-@model_option("resnet18_debias")
+@model_option("resnet18_debias", data="celeba")
 def resnet18_debias(input_shape, num_classes: int, last_activation: Activation = "relu",
                     pretrained: bool = False) -> DebiasResNet18:
     """ImageNet ResNet-18 (224x224 inputs) with a 512-d bottleneck for the CelebA debiasing protocols."""

@@ -20,11 +20,11 @@ class TorchvisionResNet(Classifier):
         return self.body(x)
 
 
-@model_option("resnet50")
+@model_option("resnet50", data="imagenet")
 def resnet50(input_shape, num_classes: int) -> TorchvisionResNet:
     return TorchvisionResNet("resnet50", num_classes)
 
 
-@model_option("resnet101")
+@model_option("resnet101", data="imagenet")
 def resnet101(input_shape, num_classes: int) -> TorchvisionResNet:
     return TorchvisionResNet("resnet101", num_classes)

@@ -30,12 +30,12 @@ class VGG(Classifier):
         return self.body(x)
 
 
-@model_option("vgg16")
+@model_option("vgg16", data="cifar10")
 def vgg16(input_shape, num_classes: int) -> VGG:
     return VGG(input_shape, num_classes, VGG16_CFG)
 
 
-@model_option("vgg_small")
+@model_option("vgg_small", data="cifar10")
 def vgg_small(input_shape, num_classes: int, width: Annotated[int, Range(ge=1)] = 64) -> VGG:
     """A shallow VGG-like net (4 conv layers) used as the distillation student of thesis Fig. 2.8."""
     w = width
@@ -65,6 +65,6 @@ class AlexNetCifar(Classifier):
         return self.fc(self.conv(x))
 
 
-@model_option("alexnet")
+@model_option("alexnet", data="cifar10")
 def alexnet(input_shape, num_classes: int, dropout: Annotated[float, Range(ge=0, lt=1)] = 0.5) -> AlexNetCifar:
     return AlexNetCifar(input_shape, num_classes, dropout)

@@ -5,12 +5,15 @@ pruning steps, so a sweep has ``rounds + 1`` training rounds (round r of IMP has
 
 Per round: ``start_round`` applies the retraining mode (``retrain``, He et al. CVPR 2022 / DSD^2):
 
-- ``rewind``: weights (and buffers) rewound in place to their value at initialisation (``rewind_epoch=0``) or after
-  epoch ``rewind_epoch`` of round 0 (lottery-ticket style; He et al. rewind to iteration 1000, here an epoch),
-  then the full schedule;
+- ``rewind``: weights (and buffers) rewound in place to their value at initialisation (``rewind_epoch=0``), then
+  the full schedule; or (``rewind_epoch=k``) to their value after epoch k of round 0, then the rest of the schedule
+  from there: epochs k..E-1 with the lr schedule positioned at epoch k (``ctx.first_epoch``), the lottery-ticket
+  protocol with late rewinding (Frankle et al.; OpenLTH resumes at the rewind iteration; He et al. rewind to
+  iteration 1000, here an epoch);
 - ``lr_rewind``: keep the trained weights, replay the full lr schedule (DSD^2);
 - ``finetune``: keep the weights, train with a small constant lr ``finetune_lr``;
-- ``scratch``: re-initialise (seeded by seed and round), then the full schedule.
+- ``scratch``: re-initialise with the architecture's own initialisation (a fresh model built from the run's
+  ``arch``, seeded by seed and round), then the full schedule.
 
 ``end_round`` records the sparsity, runs the optional measurements (:mod:`regstory.pruning.measures`: activation
 entropy, memorisation of noisy labels, best-validation model, stop rule), then prunes for the next round;
@@ -21,7 +24,7 @@ entropy, memorisation of noisy labels, best-validation model, stop rule), then p
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 import torch
 from torch import Tensor
@@ -57,7 +60,7 @@ class PruningSweep(Plugin):
                  stop_average: Annotated[str, OneOf("all", "nonconstant")] = "nonconstant",
                  stop_patience: Annotated[int, Range(ge=1)] = 2, stop_tolerance: Annotated[float, Range(ge=0)] = 0.0,
                  stop_acc_drop: Fraction = 0.01, stop_reference: Annotated[str, OneOf("onset", "best")] = "onset",
-                 phase_metric: str = "test_acc", phase_tol: Fraction = 0.01, remask_after_step: bool = False):
+                 phase_metric: str = "auto", phase_tol: Fraction = 0.01, remask_after_step: bool = False):
         self.rounds, self.retrain, self.rewind_epoch, self.finetune_lr = rounds, retrain, rewind_epoch, finetune_lr
         self.target_sparsity = target_sparsity
         self.mask_options = dict(first_layer=first_layer, last_layer=last_layer, bias=bias, batchnorm=batchnorm)
@@ -72,8 +75,15 @@ class PruningSweep(Plugin):
         self.rewind_state: dict[str, Tensor] | None = None
 
     # -- set-up and state -----------------------------------------------------------------------------------------
+    def prunable(self, ctx: "RunContext") -> dict[str, torch.nn.Parameter]:
+        """The tensors to mask; ``first_layer``/``last_layer`` are the first and last conv/linear layer the forward
+        pass calls (read on a zero input of the data's sample shape), whatever order the model registers them in."""
+        data = getattr(ctx, "data", None)
+        shape = tuple(data.input_shape) if data is not None else None
+        return prunable_parameters(ctx.model, **self.mask_options, input_shape=shape)
+
     def setup(self, ctx: "RunContext") -> None:
-        self.masks = MaskSet(prunable_parameters(ctx.model, **self.mask_options))
+        self.masks = MaskSet(self.prunable(ctx))
         if not self.masks.names:
             raise ConfigError("pruning: the model has no prunable conv/linear tensors with these method options")
         if self.retrain == "rewind" and self.rewind_epoch == 0:
@@ -96,7 +106,7 @@ class PruningSweep(Plugin):
     def model_replaced(self, ctx: "RunContext", change: ModelChange) -> None:
         """Masks and the rewind snapshot follow a model surgery: kept entries keep their state; a new tensor is
         dense (mask 1) and rewinds to its value now."""
-        masks = MaskSet(prunable_parameters(ctx.model, **self.mask_options))
+        masks = MaskSet(self.prunable(ctx))
         carried = change.carry_dict(self.masks.state_dict(), fill={n: m.bool() for n, m in zip(masks.names,
                                                                                               masks.masks)})
         masks.load_state_dict({n: carried[n] for n in masks.names})
@@ -139,10 +149,11 @@ class PruningSweep(Plugin):
     def apply_retrain_mode(self, ctx: "RunContext") -> None:
         if self.retrain == "rewind":
             load_in_place(ctx.model, self.rewind_state)
+            ctx.first_epoch = self.rewind_epoch  # resume the schedule where the rewound weights were taken
         elif self.retrain == "finetune":
             ctx.rebuild_optimizer(lr=self.finetune_lr, schedule="constant")
         elif self.retrain == "scratch":
-            reinitialise(ctx.model, seed=int(ctx.cfg.seed) * 1009 + ctx.round)
+            reinitialise(ctx.model, seed=int(ctx.cfg.seed) * 1009 + ctx.round, build=architecture_builder(ctx))
         # lr_rewind: keep the weights; fit() has already rebuilt the optimizer with the full schedule
 
     def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
@@ -203,12 +214,33 @@ def load_in_place(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 
 @torch.no_grad()
-def reinitialise(model: torch.nn.Module, seed: int) -> None:
-    """Fresh initialisation in place (each module's ``reset_parameters``), seeded, without touching the global RNG."""
+def reinitialise(model: torch.nn.Module, seed: int, build: Callable[[], torch.nn.Module] | None = None) -> None:
+    """Fresh initialisation in place, seeded, without touching the global RNG (``retrain=scratch``, sec. 2.2.2).
+
+    ``build`` makes a fresh model of the same architecture (the run's ``arch`` config): its state, i.e. the
+    architecture's own initialisation (Kaiming for the CIFAR ResNets...), is copied in. Tensors it lacks or shapes
+    differently (a model changed by surgery), or every tensor without ``build``, take PyTorch's per-module
+    ``reset_parameters()`` instead."""
+    target = model.state_dict()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fresh = copy.deepcopy(model)
-        for module in fresh.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    load_in_place(model, fresh.state_dict())
+        fresh = build().state_dict() if build is not None else {}
+        fresh = {k: v for k, v in fresh.items() if k in target and v.shape == target[k].shape}
+        if len(fresh) < len(target):
+            reset = copy.deepcopy(model)
+            for module in reset.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            fresh = {**reset.state_dict(), **fresh}
+    load_in_place(model, fresh)
+
+
+def architecture_builder(ctx: "RunContext") -> Callable[[], torch.nn.Module]:
+    """Builds a fresh, randomly initialised model from the run's ``arch`` config, as :func:`regstory.train.run` does
+    at the start; an arch with a ``pretrained`` option is built without its pretrained weights (from scratch means
+    the architecture's random initialisation, and nothing is downloaded)."""
+    from hydra.utils import instantiate
+
+    extra = {"pretrained": False} if "pretrained" in ctx.cfg.arch else {}
+    return lambda: instantiate(ctx.cfg.arch, input_shape=list(ctx.data.input_shape),
+                               num_classes=ctx.data.num_classes, **extra)

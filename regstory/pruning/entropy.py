@@ -9,7 +9,9 @@ Layer entropy = mean over the layer's neurons (the thesis' definition: dead and 
 The "non-constant" layer mean averages only neurons with 0 < p_on < 1 (how the authors' EGP code averages; a layer
 with no such neuron counts 0). Network means = mean over layers of the layer means. A pre-activation of exactly 0
 is OFF by default (the DSD^2 entropy script); ``zero_is_on=True`` counts it ON (the EASIER code's ``>= 0``).
-Pre-activations are read by forward *pre*-hooks, so in-place ReLUs do not matter.
+Each call site of a ReLU module is its own layer (a module reused k times per forward gives k layers, ``name``,
+``name#1``, ...); pre-activations are read by :class:`regstory.activations.ActivationRecorder`, which runs in-place
+ReLUs out of place while it records.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from regstory.activations import ActivationRecorder, NeuronMean
 
 
 def binary_entropy_bits(p: Tensor) -> Tensor:
@@ -28,48 +32,42 @@ def binary_entropy_bits(p: Tensor) -> Tensor:
     return h.float()
 
 
-class OnCounter:
-    """Forward pre-hooks on every ``nn.ReLU`` that count, per neuron (dim 1), ON states and observations."""
+#: the rectifiers whose input sign is a neuron's ON/OFF state (eq. 2.16)
+RECTIFIERS: tuple[type[nn.Module], ...] = (nn.ReLU,)
 
-    def __init__(self, model: nn.Module, zero_is_on: bool = False):
-        self.zero_is_on = zero_is_on
-        self.on: dict[str, Tensor] = {}
-        self.total: dict[str, int] = {}
-        self.handles = [m.register_forward_pre_hook(self._hook(name))
-                        for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
 
-    def _hook(self, name: str):
-        def hook(module, inputs):
-            z = inputs[0].detach()
-            state = z >= 0 if self.zero_is_on else z > 0
-            reduce = [d for d in range(z.ndim) if d != 1]  # samples and spatial positions
-            on = state.sum(dim=reduce) if reduce else state.long()
-            self.on[name] = self.on.get(name, 0) + on.to(torch.long)
-            self.total[name] = self.total.get(name, 0) + z.numel() // z.shape[1]
-        return hook
+class OnFraction(NeuronMean):
+    """The reducer of one call site: per neuron (dim 1), the fraction of ON states (eq. 2.16) over samples and
+    positions, returned in float64 so that one OFF state among ~10^7 observations still reads as p_on < 1."""
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    def __init__(self, zero_is_on: bool = False):
+        super().__init__(dim=1, transform=(lambda z: z >= 0) if zero_is_on else (lambda z: z > 0))
 
-    def p_on(self) -> dict[str, Tensor]:
-        return {name: self.on[name].double().cpu() / self.total[name] for name in self.on}
+    def result(self) -> Tensor:
+        if self.total is None:
+            raise RuntimeError("OnFraction: nothing was recorded")
+        return self.total / self.count
 
 
 @torch.no_grad()
 def neuron_entropies(model: nn.Module, batches: Iterable[dict[str, Tensor]] | Iterable[Tensor],
                      zero_is_on: bool = False) -> dict[str, Tensor]:
-    """Per-neuron entropy (bits) of every ReLU-activated layer over ``batches`` (model in eval mode)."""
+    """Per-neuron entropy (bits, eq. 2.17) of every rectifier-activated layer over ``batches`` (model in eval mode).
+
+    One entry per *call site* of an ``nn.ReLU`` (:class:`regstory.activations.ActivationRecorder`): a module called
+    k times per forward (torchvision's ResNet blocks reuse one ``relu`` after bn1, bn2 and the residual add) gives
+    k layers ``name``, ``name#1``, ..., each with its own neurons: the i-th neuron of the l-th layer of eq. 2.16."""
     was_training = model.training
     model.eval()
-    counter = OnCounter(model, zero_is_on)
+    recorder = ActivationRecorder(model, sites="auto", types=RECTIFIERS)
     try:
-        for batch in batches:
-            model(batch["x"] if isinstance(batch, dict) else batch)
+        with recorder.capture(reduce=lambda: OnFraction(zero_is_on), record=("pre",)):
+            for batch in batches:
+                model(batch["x"] if isinstance(batch, dict) else batch)
     finally:
-        counter.remove()
         model.train(was_training)
-    return {name: binary_entropy_bits(p) for name, p in counter.p_on().items()}
+    return {site: binary_entropy_bits(recorder.pre[site].cpu()) for site in recorder.sites
+            if site in recorder.pre}
 
 
 def entropy_summary(per_neuron: dict[str, Tensor]) -> dict[str, float]:

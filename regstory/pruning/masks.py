@@ -10,7 +10,7 @@ Given an optimizer that can fuse the gradient pass into its update (:class:`regs
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,22 +21,56 @@ PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
+def forward_order(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """Names of the conv/linear modules in the order a forward pass first calls them (one eval-mode, no-grad
+    forward of a zero input of shape ``(1, *input_shape)`` on the model's device and dtype, with hooks removed and
+    the train/eval mode restored after). Modules the forward never calls are left out."""
+    order: list[str] = []
+
+    def hook(name: str):
+        def record(module, args, output):
+            if name not in order:
+                order.append(name)
+        return record
+
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device, dtype = (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if isinstance(m, PRUNABLE_LAYERS)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return order
+
+
 def prunable_parameters(model: nn.Module, first_layer: bool = True, last_layer: bool = True, bias: bool = False,
-                        batchnorm: bool = False) -> dict[str, nn.Parameter]:
+                        batchnorm: bool = False, input_shape: Sequence[int] | None = None) -> dict[str, nn.Parameter]:
     """The tensors that pruning may zero, by qualified name (model.named_parameters order).
 
-    Default: the weights of every conv and linear layer. ``first_layer``/``last_layer`` include the first and last
-    such layer (in module order; the last is the classifier head); ``bias`` adds their biases, ``batchnorm`` the
-    affine parameters of normalisation layers.
+    Default: the weights of every conv and linear layer (thesis sec. 2.2.2: global magnitude pruning over conv and
+    linear weights). ``first_layer``/``last_layer`` include the first and last such layer *of the forward pass*
+    (the input layer and the classifier head): with ``input_shape`` (one sample's shape) the order is read from one
+    forward pass (:func:`forward_order`), so models that register their head before their body (regstory's
+    torchvision wrappers) exclude the right layers; without it, registration order stands in for the forward order.
+    ``bias`` adds the biases of the chosen layers, ``batchnorm`` the affine parameters of normalisation layers.
     """
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_LAYERS)]
+    layers = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_LAYERS)]
     if not layers:
         return {}
     excluded = set()
-    if not first_layer:
-        excluded.add(layers[0][0])
-    if not last_layer:
-        excluded.add(layers[-1][0])
+    if not (first_layer and last_layer):
+        called = forward_order(model, input_shape) if input_shape is not None else layers
+        called = called or layers
+        if not first_layer:
+            excluded.add(called[0])
+        if not last_layer:
+            excluded.add(called[-1])
     chosen: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""

@@ -18,6 +18,7 @@ import torch
 
 from regstory.checkpoint import save_checkpoint
 from regstory.config import ConfigError
+from regstory.data.dataset_loader import DatasetLoader
 from regstory.data.device_loader import TensorLoader
 from regstory.pruning.entropy import entropy_summary, neuron_entropies
 from regstory.pruning.phases import describe_phases
@@ -51,11 +52,13 @@ class Measurement:
 
 
 class ActivationEntropy(Measurement):
-    """Eq. 2.16-2.17 on a fixed, seeded, un-augmented subset of the train split (``samples``; None = all)."""
+    """Eq. 2.16-2.17 on a fixed, seeded subset of the train split (``samples``; None = all), one layer per ReLU call
+    site. Tensor-held sets give it un-augmented; a DataLoader-backed set (:class:`DatasetLoader`: ImageNet, CelebA,
+    image folders) applies its split's own transforms, drawn identically at every round."""
 
     def __init__(self, samples: int | None, zero_is_on: bool):
         self.samples, self.zero_is_on = samples, zero_is_on
-        self.loader: TensorLoader | None = None
+        self.loader: TensorLoader | DatasetLoader | None = None
 
     def __call__(self, ctx: "RunContext") -> dict[str, float]:
         if self.loader is None:
@@ -76,7 +79,7 @@ class Memorization(Measurement):
     """On the train samples whose label noise flipped: the fraction fitted to the wrong and to the true label."""
 
     def __init__(self) -> None:
-        self.loader: TensorLoader | None = None
+        self.loader: TensorLoader | DatasetLoader | None = None
         self.built = False
 
     def measure(self, sweep: "PruningSweep", ctx: "RunContext", record: dict[str, Any]) -> None:
@@ -86,10 +89,18 @@ class Memorization(Measurement):
 
 
 class SDDPhases(Measurement):
-    """The four sparse-double-descent phases of the ``metric`` curve over rounds (:mod:`regstory.pruning.phases`)."""
+    """The four sparse-double-descent phases of the ``metric`` curve over rounds (:mod:`regstory.pruning.phases`,
+    thesis sec. 2.4.1). ``metric="auto"`` reads them on the clean validation split when the run holds one out
+    (``val_acc``: choosing a model by its phase must not look at the test set), else on ``test_acc``; summary.json's
+    ``sdd.metric`` names the curve used."""
 
     def __init__(self, metric: str, tol: float):
-        self.metric, self.tol = metric, tol
+        self.requested, self.tol = metric, tol
+        self.metric = "test_acc" if metric == "auto" else metric
+
+    def setup(self, sweep: "PruningSweep", ctx: "RunContext") -> None:
+        if self.requested == "auto":
+            self.metric = "val_acc" if "val" in ctx.loaders else "test_acc"
 
     def summary(self, sweep: "PruningSweep", ctx: "RunContext", rounds: list[dict]) -> dict[str, Any]:
         curve = [(r["sparsity"], r[self.metric]) for r in rounds if r.get(self.metric) is not None]
@@ -156,8 +167,9 @@ class StopRule(Measurement):
         self.criterion.load_state_dict(state["stop"])
 
 
-def noisy_samples_loader(ctx: "RunContext") -> TensorLoader | None:
-    """The train samples whose label was flipped by label noise (un-augmented); None when there are none."""
+def noisy_samples_loader(ctx: "RunContext") -> TensorLoader | DatasetLoader | None:
+    """The train samples whose label was flipped by label noise (read from the split's ``is_noisy`` flags, on either
+    loader kind; un-augmented for tensor-held sets); None when the set has no flags or no flipped sample."""
     train = ctx.loaders["train"]
     is_noisy = train.split.extras.get("is_noisy")
     if is_noisy is None or not bool(is_noisy.any()):
@@ -166,7 +178,7 @@ def noisy_samples_loader(ctx: "RunContext") -> TensorLoader | None:
 
 
 @torch.no_grad()
-def memorization(model: torch.nn.Module, noisy: TensorLoader | None) -> dict[str, float]:
+def memorization(model: torch.nn.Module, noisy: TensorLoader | DatasetLoader | None) -> dict[str, float]:
     """On the noisy train samples: the fraction predicted as their (wrong) training label and as their true label
     (counted on the device, read once)."""
     if noisy is None:

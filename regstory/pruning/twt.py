@@ -6,6 +6,7 @@ B = L * (1 + twt). T0 = mean over tensors of the mean non-zero |w|; if the loss 
 search interval is [T0, max |w|], else [0, T0] (0 = prune nothing more, within B by definition). Bisection keeps
 ``lo`` within B and ``hi`` above it, and stops when hi - lo < ``eps`` * max |w| or |L(lo) - L(hi)| < ``loss_tol`` * B.
 It returns ``lo``, the bound known to satisfy B (the LOBSTER code returns the midpoint, which may not).
+The pruned model is then fine-tuned from its trained weights (``retrain=finetune`` by default, Fig. 2.2).
 The validation split is held out from the train set before label noise (``dataset.val_fraction``).
 """
 from __future__ import annotations
@@ -57,10 +58,12 @@ def find_threshold(loss_at: Callable[[float], float], magnitudes: list[Tensor], 
     return lo, evals
 
 
-@option("method", "twt", overrides={"rounds": 10})
+@option("method", "twt", overrides={"rounds": 10, "retrain": "finetune"})
 class TWT(PruningSweep):
     """Options: ``twt``, ``eps``, ``loss_tol`` and :data:`regstory.pruning.base.PruningOptions`, with 10 rounds
-    (each one costs a bisection of validation passes)."""
+    (each one costs a bisection of validation passes) and ``retrain=finetune``: the threshold is chosen on the
+    trained weights and the pruned model is then fine-tuned from them (sec. 2.2.2, Fig. 2.2: train, prune,
+    fine-tune); ``retrain=rewind`` (or any other mode) stays available."""
 
     def __init__(self, twt: Annotated[float, Range(gt=0)] = 0.05, eps: Annotated[float, Range(gt=0)] = 1e-3,
                  loss_tol: Annotated[float, Range(gt=0)] = 0.05, **common):

@@ -43,7 +43,9 @@ CASES = [
     ("debias-without-bias-labels", ["dataset=digits", "debias=end", "hydra.run.dir={empty}/run"], 2,
      "debias plugins need a dataset with bias labels"),
     ("fp16-on-cpu", ["trainer.precision=fp16", "trainer.device=cpu"], 2, "trainer.precision=fp16 needs a CUDA device"),
-    ("missing-data-on-resume", ["dataset=cifar10", "data.download=false", "data.root={empty}", "resume=true"], 2,
+    ("resume-with-another-config", ["dataset=cifar10", "data.download=false", "data.root={empty}", "resume=true"], 2,
+     "resume=true continues the run in"),
+    ("missing-data", ["dataset=cifar10", "data.download=false", "data.root={empty}", "hydra.run.dir={empty}/new"], 2,
      "dataset 'cifar10' not found"),
     ("fresh-run-into-existing-run", [], 2, "already holds a run"),
 ]
@@ -121,7 +123,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
         run_or_exit(cfg, run_dir=tmp_path)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert err.startswith("regstory-run: error: training loss became nan in round 0, epoch 2")
+    assert err.startswith("regstory-run: error: training loss became nan in round 1, epoch 3/5")
     assert "last good checkpoint kept" in err and len(err.strip().splitlines()) == 1
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["position"]["epoch"] == 2 and not ckpt["position"]["finished"]

@@ -89,10 +89,9 @@ def test_sigusr2_in_submitit_job_hands_over_to_submitit_requeue_and_requeued_job
         assert signal.getsignal(signal.SIGUSR2) is not None and metrics_lines(tmp_path) == 3
         assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["position"]["epoch"] == 3
 
-        monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")  # the requeued job
-        resumed = make_cfg(*TINY, *SLOW, "method._target_=tests.cluster.helpers.SignalSelf",
-                           "+method.at_epoch=99")  # same math, no signal this time
-        run(resumed, run_dir=tmp_path)
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")  # the requeued job: the same overrides
+        monkeypatch.setattr("tests.cluster.helpers.SignalSelf.armed", False)  # no signal this time
+        run(signalled, run_dir=tmp_path)
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert comparable(read_jsonl(tmp_path / "metrics.jsonl")) == comparable(read_jsonl(uninterrupted / "metrics.jsonl"))

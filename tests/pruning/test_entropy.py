@@ -68,3 +68,45 @@ def test_hooks_are_removed_and_mode_restored():
     out = neuron_entropies(net, [torch.randn(5, 3)])
     assert list(out) == ["1"] and net.training
     assert not net[1]._forward_pre_hooks
+
+
+class Reused(nn.Module):
+    """One ReLU module called twice per forward, like torchvision's BasicBlock (after bn1 and after the add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(x)  # site "act": pre-activation x
+        return self.act(h - 1)  # site "act#1": pre-activation relu(x) - 1
+
+
+def test_a_reused_relu_is_one_layer_per_call_site():
+    """Eq. 2.16-2.17 per call site: the two calls are two layers with their own neurons (they were merged into one
+    'act' set counted over 8 observations: p_on 5/8 and 6/8)."""
+    x = torch.tensor([[2.0, -1.0], [0.5, 3.0], [-2.0, 4.0], [1.5, 1.25]])
+    # site act:   neuron 0 ON for 2, .5, 1.5 (3/4); neuron 1 ON for 3, 4, 1.25 (3/4)
+    # site act#1: relu(x) - 1 = [[1, -1], [-.5, 2], [-1, 3], [.5, .25]]: neuron 0 ON 2/4, neuron 1 ON 3/4
+    per_neuron = neuron_entropies(Reused(), [x[:3], x[3:]])
+    assert list(per_neuron) == ["act", "act#1"]
+    assert per_neuron["act"].tolist() == pytest.approx([h(0.75), h(0.75)], abs=1e-6)
+    assert per_neuron["act#1"].tolist() == pytest.approx([1.0, h(0.75)], abs=1e-6)
+    s = entropy_summary(per_neuron)
+    assert s["entropy/act"] == pytest.approx(h(0.75), abs=1e-6)
+    assert s["entropy/act#1"] == pytest.approx((1 + h(0.75)) / 2, abs=1e-6)
+    assert s["entropy_mean"] == pytest.approx((h(0.75) + (1 + h(0.75)) / 2) / 2, abs=1e-6)
+
+
+def test_entropy_of_a_torchvision_bottleneck_resnet_has_three_sites_per_block():
+    """resnet50 reuses one relu three times per Bottleneck with 64, 64 and 256 channels (it crashed: 64 vs 256)."""
+    from regstory.models.torchvision_models import TorchvisionResNet
+
+    torch.manual_seed(0)
+    model = TorchvisionResNet("resnet50", num_classes=4)
+    per_neuron = neuron_entropies(model, [torch.randn(2, 3, 32, 32)])
+    assert len(per_neuron) == 1 + 16 * 3  # the stem, then three call sites in each of the 16 blocks
+    assert [per_neuron[f"body.layer1.0.relu{k}"].numel() for k in ("", "#1", "#2")] == [64, 64, 256]
+    s = entropy_summary(per_neuron)
+    assert 0 <= s["entropy_mean"] <= 1 and 0 <= s["entropy_mean_nonconstant"] <= 1
+    assert model.training  # mode restored

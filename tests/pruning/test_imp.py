@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from regstory.checkpoint import load_checkpoint
@@ -78,17 +77,70 @@ def test_lr_rewind_keeps_weights_and_finetune_rebuilds_with_small_constant_lr():
         assert ctx.rebuilt == rebuilt
 
 
+def scratch_ctx():
+    """A context with the run's arch config and data shape (what ``retrain=scratch`` rebuilds from): resnet20."""
+    from hydra.utils import instantiate
+
+    cfg = make_cfg("arch=resnet20")
+    data = SimpleNamespace(input_shape=(3, 32, 32), num_classes=10)
+    torch.manual_seed(0)
+    model = instantiate(cfg.arch, input_shape=[3, 32, 32], num_classes=10)
+    ctx = SimpleNamespace(model=model, loaders={}, epochs=3, round=0, epoch=0, cfg=cfg, data=data,
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1), rebuilt=[])
+    ctx.rebuild_optimizer = lambda lr=None, schedule=None: ctx.rebuilt.append((lr, schedule))
+    return ctx
+
+
 def test_scratch_reinitialises_with_masks_applied():
-    ctx = fake_ctx()
+    ctx = scratch_ctx()
     imp = IMP(rate=0.5, rounds=2, retrain="scratch")
     imp.setup(ctx)
-    before = ctx.model[0].weight.detach().clone()
+    name = imp.masks.names[1]
+    before = ctx.model.get_parameter(name).detach().clone()
+    train_a_bit(ctx)
     imp.prune(ctx)
     ctx.round = 1
     imp.start_round(ctx)
-    w = ctx.model[0].weight.detach()
-    assert not torch.equal(w, before * imp.masks.masks[0])
-    assert torch.all(w[imp.masks.masks[0] == 0] == 0)
+    w = ctx.model.get_parameter(name).detach()
+    mask = imp.masks.masks[1]
+    assert not torch.equal(w, before * mask)
+    assert torch.all(w[mask == 0] == 0)
+
+
+def test_scratch_uses_the_architectures_own_initialisation():
+    """A resnet20 3x3 conv (16 -> 16 channels) is Kaiming-normal, fan_out: std sqrt(2 / (16 * 9)) = 0.118 at
+    construction; PyTorch's default reset_parameters() (Kaiming-uniform, a=sqrt(5)) gave std 0.048."""
+    ctx = scratch_ctx()
+    imp = IMP(rate=0.5, rounds=2, retrain="scratch")
+    imp.setup(ctx)
+    convs = [n for n, p in ctx.model.named_parameters() if p.dim() == 4 and tuple(p.shape) == (16, 16, 3, 3)]
+    at_init = torch.cat([ctx.model.get_parameter(n).detach().flatten() for n in convs]).std().item()
+    train_a_bit(ctx)
+    imp.prune(ctx)  # pruning removes entries: measure the std of the kept ones after the re-initialisation
+    ctx.round = 1
+    imp.start_round(ctx)
+    kept = torch.cat([ctx.model.get_parameter(n).detach()[imp.masks.masks[imp.masks.names.index(n)] > 0]
+                      for n in convs])
+    expected = (2 / (16 * 9)) ** 0.5
+    assert at_init == pytest.approx(expected, rel=0.1)
+    assert kept.std().item() == pytest.approx(expected, rel=0.1)
+    bn = dict(ctx.model.named_buffers())
+    assert all(torch.all(v == 0) for k, v in bn.items() if k.endswith("running_mean"))
+
+
+def test_scratch_builds_a_pretrained_arch_without_its_pretrained_weights(monkeypatch):
+    """From scratch = the architecture's random initialisation: nothing is downloaded or loaded."""
+    import torchvision
+
+    from regstory.pruning.base import architecture_builder
+
+    asked = []
+    real = torchvision.models.resnet18
+    monkeypatch.setattr(torchvision.models, "resnet18", lambda weights=None, **kw: asked.append(weights) or real(**kw))
+    cfg = make_cfg("arch=simple_convnet_resnet18", "arch.pretrained=true")
+    model = architecture_builder(SimpleNamespace(cfg=cfg, data=SimpleNamespace(input_shape=(3, 32, 32),
+                                                                                num_classes=2)))()
+    assert asked == [None] and model.head.out_features == 2
 
 
 def test_bad_options_fail_fast():
@@ -194,28 +246,36 @@ def test_finetune_rounds_keep_a_constant_small_lr_whatever_the_trainer_schedule(
     assert [(r["round"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == FINETUNE_LRS
 
 
-class Killed(Exception):
-    pass
-
-
-class KillAt(Plugin):
-    def __init__(self, round: int, epoch: int):
-        self.at = (round, epoch)
-
-    def start_epoch(self, ctx):
-        if (ctx.round, ctx.epoch) == self.at:
-            raise Killed
-
-
-def test_a_fine_tuning_round_resumed_mid_round_keeps_its_constant_lr(tmp_path):
+def test_a_fine_tuning_round_resumed_mid_round_keeps_its_constant_lr(tmp_path, monkeypatch):
     """The checkpoint records the round's lr/schedule override: a resume rebuilt the trainer's step schedule,
     which decayed the fine-tuning lr (0.001 -> 0.0005)."""
-    killed = make_cfg(*FINETUNE)
-    killed.distill = OmegaConf.create({"_target_": "tests.pruning.test_imp.KillAt", "round": 1, "epoch": 1})
-    with pytest.raises(Killed):
-        run(killed, run_dir=tmp_path)
-    run(make_cfg(*FINETUNE, "resume=true"), run_dir=tmp_path)
+    interrupt_then_resume(monkeypatch, IMP, "end_epoch", (1, 1), FINETUNE, tmp_path)
     assert [(r["round"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == FINETUNE_LRS
+
+
+LATE_REWIND = ["dataset=digits", "method=imp", "method.rounds=1", "method.rewind_epoch=2", "trainer.epochs=4",
+               "trainer.schedule=step", "trainer.step_size=1", "trainer.gamma=0.5"]
+LATE_REWIND_EPOCHS = [(0, 0, 0.05), (0, 1, 0.025), (0, 2, 0.0125), (0, 3, 0.00625), (1, 2, 0.0125), (1, 3, 0.00625)]
+
+
+def test_rewinding_to_epoch_k_resumes_the_schedule_at_epoch_k(tmp_path):
+    """Lottery ticket with late rewinding (Frankle et al.; OpenLTH): after the rewind to the weights of epoch k=2,
+    round 1 trains epochs 2..3 with the lr of epochs 2..3 (it replayed epochs 0..3 from lr 0.05)."""
+    run(make_cfg(*LATE_REWIND), run_dir=tmp_path)
+    got = [(r["round"], r["epoch"], r["lr"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert [g[:2] for g in got] == [e[:2] for e in LATE_REWIND_EPOCHS]
+    assert [g[2] for g in got] == pytest.approx([e[2] for e in LATE_REWIND_EPOCHS])
+    rounds = read_jsonl(tmp_path / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["sparsity"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_a_late_rewind_round_resumed_mid_round_continues_where_it_was(tmp_path, monkeypatch):
+    """Killed in round 1 after epoch 2 (its first): the resume trains epoch 3 with the lr of epoch 3."""
+    interrupt_then_resume(monkeypatch, IMP, "end_epoch", (1, 3), LATE_REWIND, tmp_path / "killed")
+    run(make_cfg(*LATE_REWIND), run_dir=tmp_path / "straight")
+    resumed, straight = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in ("killed", "straight"))
+    assert [(r["round"], r["epoch"], r["lr"]) for r in resumed] == [(r["round"], r["epoch"], r["lr"]) for r in straight]
+    assert resumed[-1]["test_acc"] == straight[-1]["test_acc"]
 
 
 def _count_masked_kernel_calls(monkeypatch) -> list[int]:

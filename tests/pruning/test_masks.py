@@ -23,6 +23,41 @@ def test_prunable_parameters_include_exclude_options():
     assert list(prunable_parameters(net, batchnorm=True)) == ["0.weight", "1.weight", "1.bias", "4.weight"]
 
 
+class HeadFirst(nn.Module):
+    """Registers its classifier before its body (as regstory's torchvision wrappers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 8), nn.ReLU())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_first_and_last_layer_follow_the_forward_pass_not_the_registration_order():
+    """first_layer=False dropped 'head' (registered first) and last_layer=False the body's last layer."""
+    net = HeadFirst()
+    assert list(prunable_parameters(net, first_layer=False, input_shape=(4,))) == ["head.weight", "body.2.weight"]
+    assert list(prunable_parameters(net, last_layer=False, input_shape=(4,))) == ["body.0.weight", "body.2.weight"]
+    assert net.training  # the probing forward restores the mode
+
+
+def test_the_sweep_excludes_the_head_of_a_torchvision_resnet_with_last_layer_false():
+    from types import SimpleNamespace
+
+    from regstory.models.torchvision_models import TorchvisionResNet
+    from regstory.pruning.magnitude import IMP
+
+    model = TorchvisionResNet("resnet18", num_classes=3)
+    ctx = SimpleNamespace(model=model, loaders={}, epochs=2, round=0, epoch=0, cfg=SimpleNamespace(seed=0),
+                          optimizer=None, data=SimpleNamespace(input_shape=(3, 32, 32), num_classes=3))
+    imp = IMP(first_layer=False, last_layer=False)
+    imp.setup(ctx)
+    assert "head.weight" not in imp.masks.names and "body.conv1.weight" not in imp.masks.names
+    assert len(imp.masks.names) == len(prunable_parameters(model)) - 2
+
+
 def pinned_training(optimizer_cls, remask=True, **kw):
     net = tiny_net()
     masks = MaskSet(prunable_parameters(net))

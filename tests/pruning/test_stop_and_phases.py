@@ -66,3 +66,57 @@ def test_rise_smaller_than_tolerance_is_not_a_sweet_phase():
 
 def test_all_light_when_accuracy_never_drops():
     assert phase_labels([0.5, 0.51, 0.5]) == ["light"] * 3
+
+
+def test_a_rebound_among_collapsed_rounds_is_not_the_sweet_phase():
+    """Sec. 2.4.1 orders the phases light, critical, sweet, collapsed. The largest rise anywhere (.15 -> .30) was
+    read as the sweet phase: L L C C C C C C S X."""
+    acc = [0.80, 0.80, 0.74, 0.72, 0.78, 0.76, 0.40, 0.15, 0.30, 0.10]
+    assert phase_labels(acc, tol=0.02) == ["light"] * 2 + ["critical"] * 2 + ["sweet"] * 2 + ["collapsed"] * 4
+    d = describe_phases(list(range(10)), acc, tol=0.02)
+    assert d["dip"]["round"] == 3 and d["sweet_peak"]["round"] == 4
+
+
+def test_the_sweet_phase_ends_at_the_first_fall_below_the_peak():
+    """A round that fell below peak - tol ends the sweet phase, even if a later one comes back near the peak (it
+    was sweet through round 6, the .70 included)."""
+    acc = [0.80, 0.70, 0.60, 0.75, 0.74, 0.70, 0.74, 0.30]
+    assert phase_labels(acc, tol=0.02) == ["light", "critical", "critical", "sweet", "sweet"] + ["collapsed"] * 3
+
+
+def test_phases_are_contiguous_and_ordered_on_random_curves():
+    import random
+
+    rng = random.Random(0)
+    order = {p: i for i, p in enumerate(("light", "critical", "sweet", "collapsed"))}
+    for _ in range(500):
+        acc = [rng.random() for _ in range(rng.randint(1, 12))]
+        labels = phase_labels(acc, tol=rng.choice([0.0, 0.01, 0.1]))
+        ranks = [order[lab] for lab in labels]
+        assert ranks == sorted(ranks) and labels[0] == "light"
+        assert ("sweet" in labels) == ("critical" in labels)
+
+
+def test_phases_read_the_validation_curve_when_the_run_has_one():
+    from types import SimpleNamespace
+
+    from regstory.pruning.measures import SDDPhases
+
+    rounds = [{"sparsity": s, "test_acc": t, "val_acc": v}
+              for s, t, v in zip(SPARSITY, SDD_ACC, [0.5] * len(SDD_ACC))]
+    with_val, without_val = SimpleNamespace(loaders={"train": 0, "val": 0, "test": 0}), SimpleNamespace(loaders={})
+    for ctx, metric in ((with_val, "val_acc"), (without_val, "test_acc")):
+        phases = SDDPhases("auto", 0.01)
+        phases.setup(None, ctx)
+        assert phases.summary(None, ctx, rounds)["sdd"]["metric"] == metric
+    chosen = SDDPhases("test_acc", 0.01)
+    chosen.setup(None, with_val)
+    assert chosen.summary(None, with_val, rounds)["sdd"]["phase_per_round"] == phase_labels(SDD_ACC, 0.01)
+
+
+def test_phase_metric_defaults_to_auto():
+    import inspect
+
+    from regstory.pruning.magnitude import IMP
+
+    assert inspect.signature(IMP).parameters["phase_metric"].default == "auto"

@@ -45,3 +45,14 @@ def test_twt_end_to_end_prunes_with_a_validation_split(tmp_path):
     rounds = read_jsonl(tmp_path / "rounds.jsonl")
     assert [r["round"] for r in rounds] == [0, 1]
     assert rounds[0]["twt_threshold"] > 0 and rounds[1]["sparsity"] > 0
+
+
+def test_twt_fine_tunes_the_pruned_weights_by_default_and_can_still_rewind():
+    """Fig. 2.2: the threshold is chosen on the trained weights, which are then fine-tuned (it rewound by default,
+    throwing them away)."""
+    from regstory.pruning.twt import TWT
+
+    assert TWT().retrain == "finetune" and TWT(retrain="rewind").retrain == "rewind"
+    cfg = make_cfg("method=twt")
+    assert cfg.method.retrain == "finetune" and cfg.method.rounds == 10
+    assert make_cfg("method=twt", "method.retrain=rewind").method.retrain == "rewind"
