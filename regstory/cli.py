@@ -136,6 +136,7 @@ config groups: pick one option with group=option (* marks the default; each opti
 Override any key with group.key=value (trainer.epochs=50 noise.rate=0.2); top-level keys: seed=0,
 resume=false (true: continue the run in hydra.run.dir from its checkpoint), data.root (default $REGSTORY_DATA,
 else ~/.cache/regstory/data), data.download=true. A wrong key or value stops before anything is created.
+More plugins beside method/debias/distill go under plugins: +method@plugins.second=random plugins.second.rate=0.5.
 
 where runs go (relative to the current folder):
   one run   {run_dir}/  (choose with hydra.run.dir=...)

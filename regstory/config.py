@@ -95,7 +95,7 @@ class TrainerConfig:
     channels_last: bool = True  # NHWC for 4-D inputs and conv weights: faster convs on CPU (oneDNN) and GPU tensor cores
     compile: bool = False
     compile_mode: Annotated[str, OneOf(*COMPILE_MODES)] = "default"  # reduce-overhead: CUDA graphs
-    num_threads: NonNegative = 0  # torch intra-op threads; 0: auto (OMP_NUM_THREADS if set, one thread for a small CPU step, else torch's default: regstory.threads)
+    num_threads: NonNegative = 0  # torch intra-op threads; 0: auto (OMP_NUM_THREADS if set, else on a CPU the cores other processes leave idle, re-measured every epoch: regstory.threads)
     num_workers: NonNegative = 4  # DataLoader workers, for large sets read from disk (ImageNet, CelebA)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
     eval_every: Positive = 1  # epochs between val/test passes (the last epoch always; debias plugins evaluate every epoch)

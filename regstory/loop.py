@@ -66,6 +66,8 @@ class RunContext:
     freezer: NeuronFreezer | None = None
     #: the step's activations for plugins that ask for them (``Plugin.activation_sites``); None when none does
     activations: ActivationRecorder | None = None
+    #: ``trainer.num_threads=0`` on a CPU: follows the cores other processes leave idle (:mod:`regstory.threads`)
+    threads: Any = None
     #: the epoch the current round starts at (0; a plugin's ``start_round`` may set k > 0: the round then trains
     #: epochs k..epochs-1 with the lr schedule stepped k times, e.g. lottery-ticket rewinding to epoch k)
     first_epoch: int = 0
@@ -470,6 +472,8 @@ def run_epoch(ctx: RunContext, hooks: HookCaller) -> dict[str, Any]:
     loader = ctx.loaders["train"]
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(ctx.round, ctx.epoch)
+    if ctx.threads is not None:
+        ctx.threads.update()
     ctx.call("start_epoch")
     lr = ctx.optimizer.param_groups[0]["lr"]
     batches = ctx.logger.progress.wrap(loader, len(loader), ctx.logger.progress.label(ctx.round, ctx.epoch))

@@ -244,11 +244,11 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
         model = rebuild(ckpt["architecture"], ckpt["model"])
     else:
         model = instantiate(cfg.arch, input_shape=list(bundle.input_shape), num_classes=bundle.num_classes)
-    sample_flops = probe(model, tuple(bundle.input_shape), str(cfg.dataset.get("name")), cfg.arch)  # fits the data?
-    configure_threads(int(cfg.trainer.num_threads), sample_flops, int(cfg.trainer.batch_size), device)
+    probe(model, tuple(bundle.input_shape), str(cfg.dataset.get("name")), cfg.arch)  # can it take the data?
     logger = RunLogger(run_dir, cfg.logger, flat_config(cfg), ckpt["wandb_id"] if ckpt else None, sweep_group(),
                        enabled=main_process)
     ctx = build_context(cfg, bundle, model, device, run_dir, logger, env, guard)
+    ctx.threads = configure_threads(int(cfg.trainer.num_threads), device)
     if main_process:
         if ckpt is None:  # a resumed run keeps its original record; what the resume changed goes to resumes.jsonl
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

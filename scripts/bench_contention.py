@@ -22,16 +22,30 @@ from pathlib import Path
 
 SETTINGS = {
     # name: (extra overrides, extra environment)
-    "2 threads, active wait (torch's default)": (["trainer.num_threads=2"], {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "2 threads, OpenMP's default wait (torch's)": (["trainer.num_threads=2"], {}),
+    "2 threads, active wait": (["trainer.num_threads=2"], {"OMP_WAIT_POLICY": "ACTIVE"}),
     "2 threads, passive wait": (["trainer.num_threads=2"], {"OMP_WAIT_POLICY": "PASSIVE"}),
     "1 thread": (["trainer.num_threads=1"], {}),
-    "regstory's default (num_threads=auto)": ([], {}),
+    "num_threads=0 (auto: regstory.threads)": ([], {}),
 }
 
 
 def spin(stop) -> None:
+    """A single-threaded busy process (a Python loop)."""
     while not stop.is_set():
         pass
+
+
+def train_like(stop) -> None:
+    """Another training job: torch matrix products on torch's default threads (all cores)."""
+    import torch
+
+    a = torch.randn(512, 512)
+    while not stop.is_set():
+        a = torch.tanh(a @ a)
+
+
+COMPETITORS = {"spin": spin, "torch": train_like}
 
 
 def median_epoch(overrides: list[str], env: dict[str, str], epochs: int) -> float:
@@ -50,12 +64,14 @@ def median_epoch(overrides: list[str], env: dict[str, str], epochs: int) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--competitor", choices=sorted(COMPETITORS), default="torch",
+                        help="torch: another torch job on all cores (default); spin: one busy Python loop")
     args = parser.parse_args()
     rows = []
     for name, (overrides, env) in SETTINGS.items():
         alone = median_epoch(overrides, env, args.epochs)
         stop = multiprocessing.Event()
-        competitor = multiprocessing.Process(target=spin, args=(stop,))
+        competitor = multiprocessing.Process(target=COMPETITORS[args.competitor], args=(stop,))
         competitor.start()
         time.sleep(0.5)
         try:
@@ -67,7 +83,7 @@ def main() -> None:
     print(f"{'setting':44s} {'alone (s)':>10s} {'beside a busy process (s)':>26s} {'busy/alone':>11s}")
     for name, alone, busy in rows:
         print(f"{name:44s} {alone:10.4f} {busy:26.4f} {busy / alone:10.1f}x")
-    print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
+    print(f"competitor: {args.competitor}; cores: {os.cpu_count()}; load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

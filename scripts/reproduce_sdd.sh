@@ -14,6 +14,6 @@ case "$what" in
     regstory-run -m experiment=sdd_resnet18_cifar100 noise.rate=0.1,0.2,0.5 "${common[@]}" ;;
   distill)  # Fig. 2.8: VGG-like student with and without distillation (teacher trained first in each run)
     regstory-run -m experiment=sdd_distill_cifar10 noise.rate=0.2,0.5 "${common[@]}"
-    regstory-run -m experiment=sdd_distill_cifar10 noise.rate=0.2,0.5 distill=none "${common[@]}" ;;
+    regstory-run -m experiment=sdd_resnet18_cifar10 arch=vgg_small noise.rate=0.2,0.5 "${common[@]}" ;;
   *) echo "usage: $0 [mnist1d|cifar10|cifar100|distill]" >&2; exit 2 ;;
 esac

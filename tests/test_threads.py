@@ -4,7 +4,7 @@ import torch
 
 from regstory.config import ConfigError
 from regstory.pairing import probe
-from regstory.threads import SMALL_STEP_FLOPS, configure_threads
+from regstory.threads import configure_threads
 from tests.conftest import make_cfg
 
 
@@ -32,16 +32,42 @@ def test_probe_names_the_data_set_an_architecture_is_made_for():
         probe(model, (40,), "mnist1d", cfg.arch)
 
 
-def test_a_small_step_runs_on_one_thread_and_a_large_one_keeps_torchs_default():
+class FakeMachine:
+    """A machine clock: wall time, all processes' busy CPU seconds, this process's CPU seconds."""
+
+    def __init__(self):
+        self.wall, self.busy, self.own = 100.0, 50.0, 5.0
+
+    def advance(self, seconds: float, own_cores: float, other_cores: float) -> None:
+        self.wall += seconds
+        self.own += own_cores * seconds
+        self.busy += (own_cores + other_cores) * seconds
+
+
+def test_the_governor_uses_the_cores_other_processes_leave_idle(monkeypatch):
+    import regstory.threads as threads
+
+    machine = FakeMachine()
+    monkeypatch.setattr(threads, "_machine_busy_s", lambda: machine.busy)
+    monkeypatch.setattr(threads, "_own_cpu_s", lambda: machine.own)
+    monkeypatch.setattr(threads.time, "monotonic", lambda: machine.wall)
     torch.set_num_threads(2)
-    cpu = torch.device("cpu")
-    assert configure_threads(0, SMALL_STEP_FLOPS / 3 / 128 / 2, 128, cpu) == 1
-    torch.set_num_threads(2)
-    assert configure_threads(0, SMALL_STEP_FLOPS, 128, cpu) == 2
+    governor = threads.ThreadGovernor(max_threads=2, cores=2)
+    machine.advance(10, own_cores=2.0, other_cores=0.0)  # alone: both cores
+    assert governor.update() == 2
+    machine.advance(10, own_cores=1.0, other_cores=1.0)  # another job on one core
+    assert governor.update() == 1 and torch.get_num_threads() == 1
+    machine.advance(10, own_cores=1.0, other_cores=2.0)  # it takes both: still one thread, never zero
+    assert governor.update() == 1
+    machine.advance(10, own_cores=1.0, other_cores=0.5)  # it ended (what is left is noise: below BUSY_FROM)
+    assert governor.update() == 2 and torch.get_num_threads() == 2
 
 
 def test_the_user_and_the_launcher_choose_over_auto(monkeypatch):
     cpu = torch.device("cpu")
-    assert configure_threads(2, 1.0, 1, cpu) == 2  # trainer.num_threads
+    assert configure_threads(2, cpu) is None and torch.get_num_threads() == 2  # trainer.num_threads
+    torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert configure_threads(0, 1.0, 1, cpu) == 2  # a launcher's env_set / SLURM's cpus-per-task
+    assert configure_threads(0, cpu) is None and torch.get_num_threads() == 2  # a launcher's env_set / SLURM
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert configure_threads(0, torch.device("cuda")) is None  # the CPU only feeds the device

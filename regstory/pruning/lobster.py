@@ -1,0 +1,243 @@
+"""LOBSTER: loss-based sensitivity regularisation (thesis sec. 2.3.2, eq. 2.9-2.14), and the train / threshold /
+repeat protocol it shares with SeReNe (:mod:`regstory.pruning.serene`).
+
+The update (eq. 2.12, with Gamma(L, theta) = theta * P(dL/dtheta), P(x) = Heaviside(1 - |x|), eq. 2.13) expands to
+
+    theta <- theta - eta * g - lambda * theta * max(0, 1 - |g|),     g = dL/dtheta (the raw mini-batch gradient),
+
+because -lambda*Gamma + g*sign(g)*lambda*Gamma = -lambda*Gamma*(1 - |g|): the learning-rate correction of eq. 2.14
+turns the Heaviside step of eq. 2.13 into the ramp max(0, 1 - |g|). The optimizer does the -eta*g part (with its
+momentum / weight decay); :meth:`Lobster.after_step` applies the lambda term. Options where the thesis and the
+authors' code differ (the defaults are marked):
+
+- ``gate``: ``ramp`` (default; eq. 2.12 expanded, as above) or ``step``: lambda * theta * Heaviside(1 - |g|), the
+  Gamma of eq. 2.13 alone, without the correction of eq. 2.14 (Heaviside(0) = 0: a gradient of exactly 1 gates off
+  in both forms).
+- ``decay_of``: ``stepped`` (default; the authors' code applies the term after the optimizer step, to the updated
+  weights) or ``pre_step`` (eq. 2.12 literally: lambda * theta^t, the weights before the step; costs one copy of
+  the decayed tensors per step).
+- ``decay``: ``all`` (default; the authors' code: every weight and bias of conv/linear/normalisation layers) or
+  ``prunable`` (only the tensors the masks cover, :data:`regstory.pruning.base.PruningOptions`).
+
+The gradients read in ``after_step`` are the step's masked gradients (pruned entries are zero, and so are their
+weights, so the decay leaves them at exactly zero).
+
+Protocol (sec. 2.2.2, Fig. 2.2; :class:`SensitivityPruning`): each round trains ``trainer.epochs`` epochs with the
+regulariser; at its end the epoch with the lowest validation loss is restored (``restore_best``; the authors'
+loop restores its best snapshot once the loss has plateaued: the loop here gives each round a fixed epoch budget,
+so the round's best epoch stands in for the plateau), then the performance check: the validation accuracy of the
+dense round 0 is the reference, and a later round whose accuracy falls more than ``recover_tolerance`` below it
+could not recover it: the sweep stops (``recovered_round`` in the summary names the last round that did; with
+``revert_on_stop=true`` the model and masks go back to it, by default the last model is kept, and
+``checkpoints/best.pt`` holds the best-validation one). Otherwise the TWT bisection of :mod:`regstory.pruning.twt` (Fig. 2.3) picks a
+global threshold on |w| and the next round continues from the trained weights (``retrain=lr_rewind``).
+``pinned`` says what then stays at zero: ``weights`` (default; every pruned weight, parameter pinning of sec.
+2.2.2.1) or ``neurons`` (the authors' code: the thresholded weights are zeroed once and may grow back; only a neuron
+whose incoming weights are all zero is pinned).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from regstory.options import OneOf, Range, option
+from regstory.pruning.base import load_in_place, snapshot
+from regstory.pruning.masks import NORM_LAYERS, PRUNABLE_LAYERS
+from regstory.pruning.twt import TWT
+
+if TYPE_CHECKING:
+    from regstory.loop import RunContext
+
+Lambda = Annotated[float, Range(gt=0)]
+TwtFraction = Annotated[float, Range(gt=0, lt=1)]
+Tolerance = Annotated[float, Range(ge=0, le=1)]
+Pinned = Annotated[str, OneOf("weights", "neurons")]
+DecayOf = Annotated[str, OneOf("stepped", "pre_step")]
+
+
+def insensitivity(grad: Tensor, gate: str = "ramp") -> Tensor:
+    """The factor lambda is multiplied by in LOBSTER's decay: ``ramp`` max(0, 1 - |g|) (eq. 2.12 expanded with
+    eq. 2.14), ``step`` Heaviside(1 - |g|) (eq. 2.13's P; Heaviside(0) = 0)."""
+    if gate == "ramp":
+        return (1 - grad.abs()).clamp_(min=0)
+    if gate == "step":
+        return (grad.abs() < 1).to(grad.dtype)
+    raise ValueError(f"gate={gate!r}: use ramp or step")
+
+
+@torch.no_grad()
+def lobster_decay(params: Sequence[Tensor], grads: Sequence[Tensor | None], lmbda: float, gate: str = "ramp",
+                  base: Sequence[Tensor] | None = None) -> None:
+    """In place: theta -= lmbda * b * insensitivity(g) for each tensor (eq. 2.12-2.14), b = ``base`` (the weights
+    before the step, ``decay_of=pre_step``) or theta itself (``stepped``). A tensor without a gradient (unused in the
+    step) has g = 0 and is fully decayed, as the authors' code does with its zero-filled gradients."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        b = p if base is None else base[i]
+        factor = torch.ones_like(p) if g is None else insensitivity(g.to(p.dtype), gate)
+        p.sub_(lmbda * b * factor)
+
+
+def regularised_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``decay=all``: every weight and bias of the conv / linear / normalisation layers (the authors' code)."""
+    out: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, PRUNABLE_LAYERS + NORM_LAYERS):
+            out += [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
+                    if isinstance(p, nn.Parameter) and p.requires_grad]
+    return out
+
+
+class SensitivityPruning(TWT):
+    """The protocol shared by LOBSTER and SeReNe: regularised training, the round's best epoch restored, the
+    recovery check against round 0 (``recover_tolerance``), a TWT threshold, repeat (module docstring)."""
+
+    def __init__(self, lmbda: Lambda = 1e-4, twt: TwtFraction = 0.05, decay_of: DecayOf = "stepped",
+                 pinned: Pinned = "weights", restore_best: bool = True, recover_tolerance: Tolerance = 0.01,
+                 revert_on_stop: bool = False, **common):
+        super().__init__(twt=twt, **common)
+        self.lmbda, self.decay_of, self.pinned = lmbda, decay_of, pinned
+        self.restore_best, self.recover_tolerance = restore_best, recover_tolerance
+        self.revert_on_stop = revert_on_stop
+        self.reference_acc: float | None = None  # round 0's validation accuracy
+        self.last_good: dict[str, Any] | None = None  # weights + masks of the last round that recovered it
+        self.best: dict[str, Any] | None = None  # the round's best epoch so far: val_loss, epoch, state
+        self.pending: dict[str, Any] | None = None  # the weights at the end of the last epoch, not yet judged
+        self.pre_step: list[Tensor] | None = None
+
+    # -- per epoch: keep the round's best epoch ------------------------------------------------------------------
+    def start_round(self, ctx: "RunContext") -> None:
+        super().start_round(ctx)
+        self.best = self.pending = None
+
+    def judge_pending(self, ctx: "RunContext") -> None:
+        """Compare the last finished epoch's validation loss (its record is now in ``ctx.history``) with the best."""
+        if self.pending is None or not ctx.history:
+            return
+        loss = ctx.history[-1].get("val_loss")
+        if loss is not None and (self.best is None or loss < self.best["val_loss"]):
+            self.best = {"val_loss": float(loss), "epoch": int(ctx.history[-1]["epoch"]), "state": self.pending}
+        self.pending = None
+
+    def start_epoch(self, ctx: "RunContext") -> None:
+        self.judge_pending(ctx)
+
+    def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
+        out = super().end_epoch(ctx)
+        if self.restore_best:
+            self.pending = snapshot(ctx.model)
+        return out
+
+    # -- per round ------------------------------------------------------------------------------------------------
+    def end_round(self, ctx: "RunContext") -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.restore_best:
+            self.judge_pending(ctx)
+            if self.best is not None:
+                load_in_place(ctx.model, self.best["state"])
+                extra["restored_epoch"] = self.best["epoch"]
+            self.best = None
+        val = ctx.evaluate("val")
+        extra.update(val_acc_kept=val["acc"], val_loss_kept=val["loss"])
+        if ctx.round == 0 or self.reference_acc is None:
+            self.reference_acc = val["acc"]
+        if ctx.round > 0 and val["acc"] < self.reference_acc - self.recover_tolerance:
+            ctx.stop_rounds = True
+            extra["recovered"] = False
+            if self.revert_on_stop and self.last_good is not None:
+                load_in_place(ctx.model, self.last_good["model"])
+                self.masks.load_state_dict(self.last_good["masks"])
+                self.masks.apply_to_weights()
+                extra["reverted_to_round"] = self.last_good["round"]
+        else:
+            extra["recovered"] = True
+            self.last_good = {"round": ctx.round, "model": snapshot(ctx.model), "masks": self.masks.state_dict()}
+        extra.update(self.structure(ctx))  # the model trained this round, before the next threshold
+        record = super().end_round(ctx)
+        record.update(extra)
+        return record
+
+    @torch.no_grad()
+    def structure(self, ctx: "RunContext") -> dict[str, Any]:
+        """Exact zeros among the prunable weights (``pinned=neurons`` pins fewer than are zero) and hidden neurons
+        left (rows of conv/linear weights, the output layer excepted, with a non-zero incoming weight)."""
+        zeros = sum(int((p == 0).sum()) for p in self.masks.params)
+        total = sum(p.numel() for p in self.masks.params)
+        layers = [m for m in ctx.model.modules() if isinstance(m, PRUNABLE_LAYERS)]
+        hidden = layers[:-1] if len(layers) > 1 else layers
+        alive = sum(int(m.weight.detach().flatten(1).ne(0).any(1).sum()) for m in hidden)
+        return {"zero_fraction": zeros / max(total, 1), "neurons_left": alive,
+                "neurons_total": sum(m.weight.shape[0] for m in hidden)}
+
+    @torch.no_grad()
+    def prune(self, ctx: "RunContext") -> None:
+        """TWT threshold (Fig. 2.3); with ``pinned=neurons`` the thresholded weights are zeroed but only neurons
+        whose incoming weights are all zero stay masked."""
+        super().prune(ctx)
+        if self.pinned == "neurons":
+            rows = []
+            for m in self.masks.masks:
+                if m.dim() >= 2:
+                    rows.append(m.flatten(1).any(1).to(m.dtype).view(-1, *[1] * (m.dim() - 1)).expand_as(m).clone())
+                else:
+                    rows.append(m.clone())
+            self.masks.set(rows)
+
+    def finalize(self, ctx: "RunContext") -> dict[str, Any]:
+        out = super().finalize(ctx)
+        out["pinned"] = self.pinned
+        if self.last_good is not None:
+            out["recovered_round"] = self.last_good["round"]
+        out.update(self.structure(ctx))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["sensitivity"] = {"reference_acc": self.reference_acc, "last_good": self.last_good,
+                                "best": self.best, "pending": self.pending}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = state.get("sensitivity", {})
+        self.reference_acc = mine.get("reference_acc")
+        self.last_good, self.best, self.pending = mine.get("last_good"), mine.get("best"), mine.get("pending")
+        super().load_state_dict(state)
+
+    # -- per step -------------------------------------------------------------------------------------------------
+    def decayed(self, ctx: "RunContext") -> list[Tensor]:
+        """The tensors the regulariser updates (subclasses say)."""
+        raise NotImplementedError
+
+    def after_backward(self, ctx: "RunContext") -> None:
+        super().after_backward(ctx)
+        if self.decay_of == "pre_step":
+            self.pre_step = [p.detach().clone() for p in self.decayed(ctx)]
+
+
+@option("method", "lobster", overrides={"rounds": 30, "retrain": "lr_rewind"})
+class Lobster(SensitivityPruning):
+    """Options: ``lmbda`` (lambda > 0), ``gate`` ramp|step, ``decay`` all|prunable, ``decay_of``, ``pinned``,
+    ``restore_best``, ``recover_tolerance``, ``twt`` in (0, 1), ``eps``, ``loss_tol`` and the shared pruning keys,
+    with 30 rounds (the recovery check usually ends the sweep first) and ``retrain=lr_rewind`` (continue from the
+    trained, thresholded weights)."""
+
+    def __init__(self, gate: Annotated[str, OneOf("ramp", "step")] = "ramp",
+                 decay: Annotated[str, OneOf("all", "prunable")] = "all", **common):
+        super().__init__(**common)
+        self.gate, self.decay = gate, decay
+        self._decayed: tuple[nn.Module, list[Tensor]] | None = None
+
+    def decayed(self, ctx: "RunContext") -> list[Tensor]:
+        if self._decayed is None or self._decayed[0] is not ctx.model:  # recomputed after a model surgery
+            params = self.masks.params if self.decay == "prunable" else regularised_parameters(ctx.model)
+            self._decayed = (ctx.model, list(params))
+        return self._decayed[1]
+
+    def after_step(self, ctx: "RunContext") -> None:
+        """Eq. 2.12-2.14: the lambda term, on the gradients of this step (masked: pruned entries stay zero)."""
+        super().after_step(ctx)
+        params = self.decayed(ctx)
+        base = self.pre_step if self.decay_of == "pre_step" else None
+        lobster_decay(params, [p.grad for p in params], self.lmbda, self.gate, base)
+        self.pre_step = None
