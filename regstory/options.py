@@ -21,7 +21,7 @@ import sys
 import types
 import typing
 from enum import Enum
-from typing import Annotated, Any, Callable, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Union, get_args, get_origin
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 

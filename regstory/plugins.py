@@ -42,7 +42,7 @@ Composition rules (owned by the engine, whatever the order of the plugins):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
