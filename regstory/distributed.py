@@ -146,11 +146,10 @@ class CollectivePreemption:
 
 
 def attach(ctx: Any, env: DistEnv) -> None:
-    """Make a RunContext data-parallel: DDP forward model, metric averaging, collective stop (the per-rank batch is
-    set by ``regstory.data.prepare.make_loaders``)."""
+    """Make a RunContext data-parallel: metric averaging, collective stop (the DDP wrapper is ``ctx.wrap``'s, see
+    ``regstory.train.training_wrapper``; the per-rank batch is set by ``regstory.data.prepare.make_loaders``)."""
     if not env.active:
         return
-    ctx.forward_model = wrap_model(ctx.net, ctx.device)
     ctx.reduce_metrics = lambda m: average_over_ranks(m, ctx.device)
     if ctx.preemption is not None:
         ctx.preemption = CollectivePreemption(ctx.preemption, ctx.device)

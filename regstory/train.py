@@ -78,10 +78,8 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def configure_torch(cfg: DictConfig) -> None:
+    """Determinism and cuDNN autotuning as ``trainer`` says (threads: :func:`regstory.threads.configure_threads`)."""
     t = cfg.trainer
-    threads = int(t.num_threads) or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # env: e.g. a launcher's env_set
-    if threads:
-        torch.set_num_threads(threads)
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -201,19 +199,21 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     configure_torch(cfg)
     device = distributed.init(resolve_device(str(cfg.trainer.device)), env)
     check_precision(str(cfg.trainer.precision), device)
+    threads = configure_threads(int(cfg.trainer.num_threads), device)  # before the data is prepared
     try:
         run_dir = distributed.share_run_dir(Path(run_dir) if run_dir is not None else None, env)
         resume_changes = None
         if auto_resume(cfg.resume, run_dir / "checkpoints" / LAST) and (run_dir / "checkpoints" / LAST).exists():
             cfg, resume_changes = config_for_resume(cfg, run_dir, explicit_override_keys())
         with PreemptionGuard() as guard:
-            return _run(cfg, run_dir, device, env, guard, resume_changes)
+            return _run(cfg, run_dir, device, env, guard, resume_changes, threads)
     finally:
         distributed.shutdown(env)
 
 
 def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.DistEnv,
-         guard: PreemptionGuard, resume_changes: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+         guard: PreemptionGuard, resume_changes: dict[str, list[Any]] | None = None,
+         threads: Any = None) -> dict[str, Any]:
     main_process = env.is_main
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +248,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, env: distributed.
     logger = RunLogger(run_dir, cfg.logger, flat_config(cfg), ckpt["wandb_id"] if ckpt else None, sweep_group(),
                        enabled=main_process)
     ctx = build_context(cfg, bundle, model, device, run_dir, logger, env, guard)
-    ctx.threads = configure_threads(int(cfg.trainer.num_threads), device)
+    ctx.threads = threads
     if main_process:
         if ckpt is None:  # a resumed run keeps its original record; what the resume changed goes to resumes.jsonl
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -290,10 +290,10 @@ def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch
     ctx = RunContext(cfg=cfg, model=model, data=bundle, device=device, plugins=build_plugins(cfg), run_dir=run_dir,
                      loaders=make_loaders(bundle, cfg, device, shard=(env.rank, env.world)), logger=logger,
                      is_main_process=env.is_main, preemption=preemption)
-    distributed.attach(ctx, env)  # DDP wrapper, per-rank batch, metric averaging (no-op on one process)
-    if cfg.trainer.compile:
-        ctx.forward_model = torch.compile(ctx.net, mode=str(cfg.trainer.compile_mode))
-    ctx.wrap = training_wrapper(cfg, device, env)  # the same wrappers, for a model replaced by surgery
+    distributed.attach(ctx, env)  # metric averaging, collective stop (no-op on one process)
+    ctx.wrap = training_wrapper(cfg, device, env)  # built now, and again for a model replaced by surgery
+    if ctx.wrap is not None:
+        ctx.forward_model = ctx.wrap(ctx.model)
     ctx.freezer = NeuronFreezer(ctx.model)
     ctx.activations = activation_recorder(ctx.plugins, ctx.model)
     if uses_grad_scaler(cfg.trainer):
@@ -302,8 +302,8 @@ def build_context(cfg: DictConfig, bundle, model: torch.nn.Module, device: torch
 
 
 def training_wrapper(cfg: DictConfig, device: torch.device, env: distributed.DistEnv):
-    """What the loop trains around a bare model, as :func:`build_context` sets it up: DDP (several processes), then
-    ``torch.compile``; None for the bare model. Applied again after every model surgery."""
+    """What the loop trains around a bare model: DDP (several processes), then ``torch.compile``; None for the bare
+    model. :func:`build_context` applies it, and ``ctx.replace_model`` after every model surgery."""
     if not env.active and not cfg.trainer.compile:
         return None
 

@@ -65,6 +65,16 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
 
 
 
+def cli_refusal(tmp_path: Path, *args: str) -> str:
+    """Run ``regstory-run ARGS`` in an empty ``tmp_path`` expecting a refusal before anything runs: exit 2, one
+    stderr line, no traceback, nothing created. Returns that line."""
+    proc = run_cli(*args, "logger.wandb.mode=disabled", "hydra.run.dir=run", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    return proc.stderr.strip()
+
+
 class Interrupted(Exception):
     """Raised by :func:`interrupt_then_resume` to simulate a kill."""
 
