@@ -51,6 +51,11 @@ class RunContext:
     epoch: int = 0
     global_step: int = 0
     stop_rounds: bool = False
+    #: set by a plugin's ``end_epoch`` to end the current round after this epoch (a plateau): the round's remaining
+    #: epochs are skipped, also on resume; reset at every round start
+    end_round_early: bool = False
+    #: the record of the epoch being finished, for ``end_epoch`` hooks (its train/val/test metrics so far)
+    epoch_record: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch records of the current round
     forward_model: nn.Module | None = None  # the model called in training (compiled / DDP-wrapped); defaults to model
     is_main_process: bool = True
@@ -433,6 +438,7 @@ def fit(ctx: RunContext, start: dict[str, Any] | None = None) -> list[dict[str, 
         if not resuming_mid_round:
             ctx.history = []
             ctx.first_epoch = 0
+            ctx.end_round_early = False
             ctx.rebuild_optimizer()  # a plugin's start_round may rebuild it again with its own lr / schedule
             ctx.call("start_round")
             if ctx.first_epoch and ctx.scheduler is not None:  # the schedule as it stands at epoch first_epoch
@@ -447,14 +453,17 @@ def fit(ctx: RunContext, start: dict[str, Any] | None = None) -> list[dict[str, 
             record = run_epoch(ctx, hooks)
             ctx.history.append(record)
             ctx.logger.log_epoch(record)
-            last = ctx.epoch + 1 == ctx.epochs
+            last = ctx.epoch + 1 == ctx.epochs or ctx.end_round_early
             preempted = ctx.preemption is not None and ctx.preemption.requested  # read once: a collective in DDP
             due = (ctx.epoch + 1) % every == 0 and time.monotonic() - last_saved >= interval
+            next_epoch = ctx.epochs if ctx.end_round_early else ctx.epoch + 1  # an early end skips the rest
             if last or preempted or due:
-                save(ctx, ctx.round, ctx.epoch + 1, round_started=True)
+                save(ctx, ctx.round, next_epoch, round_started=True)
                 last_saved = time.monotonic()
             if preempted:
-                raise ctx.preemption.preempted(ctx.run_dir, ctx.round, ctx.epoch + 1)
+                raise ctx.preemption.preempted(ctx.run_dir, ctx.round, next_epoch)
+            if ctx.end_round_early:
+                break
         round_record = {"round": ctx.round, **{k: v for k, v in ctx.history[-1].items() if k not in ("round", "epoch")}}
         for metrics in ctx.call("end_round"):
             round_record.update(metrics)
@@ -492,7 +501,12 @@ def run_epoch(ctx: RunContext, hooks: HookCaller) -> dict[str, Any]:
             if split in ctx.loaders:
                 record.update({f"{split}_{k}": v for k, v in ctx.evaluate(split).items()})
     record["lr"] = lr
+    ctx.epoch_record = record
     for metrics in ctx.call("end_epoch"):
         record.update(metrics)
+    if ctx.end_round_early and not last and not hooks.evaluates:  # the round's last epoch: every split measured
+        for split in ("val", "test"):
+            if split in ctx.loaders and f"{split}_acc" not in record:
+                record.update({f"{split}_{k}": v for k, v in ctx.evaluate(split).items()})
     record["time_s"] = time.perf_counter() - t0
     return record

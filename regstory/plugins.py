@@ -18,7 +18,7 @@ Order of calls::
                 loss = mean(w * l) + sum(extra_loss(...))     # l: sample_loss(...) or the CE; w: product of sample_weights(...)
                 backward; after_backward(ctx); optimizer.step(); after_step(ctx)
             metrics |= evaluate val and test (skipped when a plugin ``evaluates`` them itself)
-            metrics |= end_epoch(ctx)
+            metrics |= end_epoch(ctx)         # may end the round early (ctx.end_round_early)
         round_metrics = end_round(ctx)        # e.g. measure, then prune
     summary["plugins"][slot] = finalize(ctx)
 
@@ -130,7 +130,10 @@ class Plugin:
         """The optimizer has stepped: edit weights here (decay, re-apply masks)."""
 
     def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
-        """After the epoch's evaluation; returned metrics are added to the epoch's record."""
+        """After the epoch's evaluation; returned metrics are added to the epoch's record (``ctx.epoch_record``
+        holds it so far: train metrics, and val/test ones on evaluated epochs). Set ``ctx.end_round_early = True``
+        to make this the round's last epoch (a plateau): the engine then measures val and test, saves, and goes on
+        to ``end_round``; a resumed run does not train the skipped epochs."""
         return {}
 
     def end_round(self, ctx: "RunContext") -> dict[str, Any]:

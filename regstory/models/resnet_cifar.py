@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,15 +21,42 @@ Shortcut = Annotated[str, OneOf("A", "B")]
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option-A shortcut: stride-2 subsampling plus zero channels."""
+    """Option-A shortcut: stride-2 subsampling plus ``extra`` zero channels.
 
-    def __init__(self, extra_channels: int):
+    In the paper's layout the input channels sit in the middle: ``extra // 2`` zero channels before them, the rest
+    after. A simplified copy (:func:`regstory.pruning.simplify.simplify`) places them explicitly instead:
+    ``positions[i]`` is the output channel of input channel ``i`` (-1: not passed on) and the output has
+    ``extra`` zero channels besides those. ``positions`` is a plain attribute, set only on such copies and pickled
+    with the model's structure; the class default (None) keeps the paper's layout for models saved before it
+    existed. The shortcut holds no tensors, so its state dict is empty either way.
+    """
+
+    positions: list[int] | None = None
+
+    def __init__(self, extra_channels: int, positions: list[int] | None = None):
         super().__init__()
         self.extra = extra_channels
+        if positions is not None:
+            self.positions = [int(p) for p in positions]
+
+    def placement(self, in_channels: int) -> list[int]:
+        """The output channel of each of ``in_channels`` input channels (-1: not passed on)."""
+        if self.positions is None:
+            return [self.extra // 2 + i for i in range(in_channels)]
+        if len(self.positions) != in_channels:
+            raise ValueError(f"ZeroPadShortcut places {len(self.positions)} channels, got {in_channels}")
+        return list(self.positions)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x[:, :, ::2, ::2]
-        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        if self.positions is None:
+            return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        source = [i for i, p in enumerate(self.positions) if p >= 0]
+        target = [p for p in self.positions if p >= 0]
+        out = x.new_zeros(x.shape[0], len(target) + self.extra, *x.shape[2:])
+        source_index = torch.tensor(source, dtype=torch.long, device=x.device)
+        target_index = torch.tensor(target, dtype=torch.long, device=x.device)
+        return out.index_copy(1, target_index, x.index_select(1, source_index))
 
 
 class BasicBlock(nn.Module):

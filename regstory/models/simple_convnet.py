@@ -11,6 +11,7 @@ from typing import Annotated
 from torch import Tensor, nn
 
 from regstory.models.base import Classifier, model_option
+from regstory.models.torchvision_models import build_torchvision
 from regstory.options import OneOf, Range
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -66,11 +67,9 @@ class DebiasResNet18(Classifier):
 
     def __init__(self, num_classes: int, last_activation: str = "relu", pretrained: bool = False):
         super().__init__()
-        import torchvision
-
         if last_activation not in ACTIVATIONS:
             raise ValueError(f"arch.last_activation={last_activation} is invalid: must be one of {sorted(ACTIVATIONS)}")
-        net = torchvision.models.resnet18(weights="IMAGENET1K_V1" if pretrained else None)
+        net = build_torchvision("resnet18", pretrained)
         net.layer4[1].relu = ACTIVATIONS[last_activation]()
         self.head = nn.Linear(net.fc.in_features, num_classes)
         net.fc = nn.Identity()

@@ -33,8 +33,8 @@ from regstory.optim import masked_step_possible
 from regstory.options import OneOf, Range, schema_of
 from regstory.plugins import Plugin, edits_gradients_last
 from regstory.pruning.masks import MaskSet, prunable_parameters
-from regstory.pruning.measures import (ActivationEntropy, BestValModel, Measurement, Memorization, SDDPhases,
-                                       StopRule, rounds_of)
+from regstory.pruning.measures import (ActivationEntropy, BestValModel, Footprint, Measurement, Memorization,
+                                       SDDPhases, StopRule, rounds_of)
 from regstory.pruning.stop import MODES as STOP_MODES, StopCriterion
 from regstory.surgery import ModelChange
 from regstory.config import ConfigError
@@ -60,7 +60,10 @@ class PruningSweep(Plugin):
                  stop_average: Annotated[str, OneOf("all", "nonconstant")] = "nonconstant",
                  stop_patience: Annotated[int, Range(ge=1)] = 2, stop_tolerance: Annotated[float, Range(ge=0)] = 0.0,
                  stop_acc_drop: Fraction = 0.01, stop_reference: Annotated[str, OneOf("onset", "best")] = "onset",
-                 phase_metric: str = "auto", phase_tol: Fraction = 0.01, remask_after_step: bool = False):
+                 phase_metric: str = "auto", phase_tol: Fraction = 0.01, remask_after_step: bool = False,
+                 footprint: Annotated[str, OneOf("none", "final", "rounds")] = "final",
+                 footprint_codec: Annotated[str, OneOf("auto", "lzma", "nncodec")] = "auto",
+                 latency_repeats: Annotated[int, Range(ge=1)] = 20, latency_threads: Annotated[int, Range(ge=1)] = 1):
         self.rounds, self.retrain, self.rewind_epoch, self.finetune_lr = rounds, retrain, rewind_epoch, finetune_lr
         self.target_sparsity = target_sparsity
         self.mask_options = dict(first_layer=first_layer, last_layer=last_layer, bias=bias, batchnorm=batchnorm)
@@ -69,7 +72,9 @@ class PruningSweep(Plugin):
         self.stop = StopCriterion(stop, stop_patience, stop_tolerance, stop_acc_drop, stop_reference)
         self.measures: list[Measurement] = [self.entropy, *([Memorization()] if measure_memorization else []),
                                             SDDPhases(phase_metric, phase_tol), BestValModel(),
-                                            StopRule(self.stop, stop_average)]
+                                            StopRule(self.stop, stop_average),
+                                            *([Footprint(footprint, footprint_codec, latency_repeats, latency_threads)]
+                                              if footprint != "none" else [])]
         self.masks: MaskSet | None = None
         self.fuse_grad_masks = False  # hand the gradient masks to the optimizer's step (set in setup)
         self.rewind_state: dict[str, Tensor] | None = None

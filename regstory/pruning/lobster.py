@@ -37,7 +37,7 @@ whose incoming weights are all zero is pinned).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,8 @@ Lambda = Annotated[float, Range(gt=0)]
 TwtFraction = Annotated[float, Range(gt=0, lt=1)]
 Tolerance = Annotated[float, Range(ge=0, le=1)]
 Pinned = Annotated[str, OneOf("weights", "neurons")]
+Patience = Annotated[Optional[int], Range(ge=1)]
+PlateauTol = Annotated[float, Range(gt=-1)]
 DecayOf = Annotated[str, OneOf("stepped", "pre_step")]
 
 
@@ -95,51 +97,65 @@ class SensitivityPruning(TWT):
 
     def __init__(self, lmbda: Lambda = 1e-4, twt: TwtFraction = 0.05, decay_of: DecayOf = "stepped",
                  pinned: Pinned = "weights", restore_best: bool = True, recover_tolerance: Tolerance = 0.01,
-                 revert_on_stop: bool = False, **common):
+                 revert_on_stop: bool = False, patience: Patience = 5, plateau_tol: PlateauTol = 0.01, **common):
         super().__init__(twt=twt, **common)
         self.lmbda, self.decay_of, self.pinned = lmbda, decay_of, pinned
         self.restore_best, self.recover_tolerance = restore_best, recover_tolerance
         self.revert_on_stop = revert_on_stop
+        self.patience, self.plateau_tol = patience, plateau_tol
+        self.bad_epochs = 0  # consecutive epochs that are not good (``end_epoch``)
         self.reference_acc: float | None = None  # round 0's validation accuracy
+        self.dense_test_acc: float | None = None  # round 0's test accuracy (the restored epoch)
         self.last_good: dict[str, Any] | None = None  # weights + masks of the last round that recovered it
         self.best: dict[str, Any] | None = None  # the round's best epoch so far: val_loss, epoch, state
-        self.pending: dict[str, Any] | None = None  # the weights at the end of the last epoch, not yet judged
         self.pre_step: list[Tensor] | None = None
 
-    # -- per epoch: keep the round's best epoch ------------------------------------------------------------------
+    # -- per epoch: the round's best epoch, and the plateau --------------------------------------------------------
     def start_round(self, ctx: "RunContext") -> None:
         super().start_round(ctx)
-        self.best = self.pending = None
+        self.best, self.bad_epochs = None, 0
 
-    def judge_pending(self, ctx: "RunContext") -> None:
-        """Compare the last finished epoch's validation loss (its record is now in ``ctx.history``) with the best."""
-        if self.pending is None or not ctx.history:
-            return
-        loss = ctx.history[-1].get("val_loss")
-        if loss is not None and (self.best is None or loss < self.best["val_loss"]):
-            self.best = {"val_loss": float(loss), "epoch": int(ctx.history[-1]["epoch"]), "state": self.pending}
-        self.pending = None
-
-    def start_epoch(self, ctx: "RunContext") -> None:
-        self.judge_pending(ctx)
+    def epoch_val(self, ctx: "RunContext") -> dict[str, float]:
+        """This epoch's validation metrics: the loop's when it measured them, else measured here."""
+        record = ctx.epoch_record
+        if "val_loss" in record:
+            return {"val_loss": record["val_loss"], "val_acc": record.get("val_acc")}
+        return {f"val_{k}": v for k, v in ctx.evaluate("val").items()}
 
     def end_epoch(self, ctx: "RunContext") -> dict[str, Any]:
+        """Keep the round's lowest-validation-loss epoch (its weights when ``restore_best``) and count the epochs
+        that are not good: an epoch is good when its loss is below ``(1 + plateau_tol)`` times the best before it
+        (the authors' loop, ``plateau_tol`` 0.01). ``patience`` consecutive epochs that are not good end the round
+        (the plateau); ``patience: null`` trains every round for ``trainer.epochs`` epochs."""
         out = super().end_epoch(ctx)
-        if self.restore_best:
-            self.pending = snapshot(ctx.model)
+        val = self.epoch_val(ctx)
+        out.update({k: v for k, v in val.items() if k not in ctx.epoch_record})
+        loss = float(val["val_loss"])
+        before = None if self.best is None else self.best["val_loss"]
+        if before is None or loss < before:
+            self.best = {"val_loss": loss, "epoch": ctx.epoch,
+                         "state": snapshot(ctx.model) if self.restore_best else None}
+        good = before is None or loss < before * (1 + self.plateau_tol)
+        self.bad_epochs = 0 if good else self.bad_epochs + 1
+        out["plateau_bad_epochs"] = self.bad_epochs
+        if self.patience is not None and self.bad_epochs >= self.patience:
+            ctx.end_round_early = True
         return out
 
     # -- per round ------------------------------------------------------------------------------------------------
     def end_round(self, ctx: "RunContext") -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if self.restore_best:
-            self.judge_pending(ctx)
-            if self.best is not None:
-                load_in_place(ctx.model, self.best["state"])
-                extra["restored_epoch"] = self.best["epoch"]
-            self.best = None
+        extra: dict[str, Any] = {"round_epochs": len(ctx.history)}
+        if self.restore_best and self.best is not None and self.best["state"] is not None:
+            load_in_place(ctx.model, self.best["state"])
+            extra["restored_epoch"] = self.best["epoch"]
+        self.best = None
         val = ctx.evaluate("val")
         extra.update(val_acc_kept=val["acc"], val_loss_kept=val["loss"])
+        if "test" in ctx.loaders:  # the model the threshold is applied to (the round's record has the last epoch's)
+            test = ctx.evaluate("test")
+            extra.update(test_acc_kept=test["acc"], test_loss_kept=test["loss"])
+            if ctx.round == 0:
+                self.dense_test_acc = test["acc"]
         if ctx.round == 0 or self.reference_acc is None:
             self.reference_acc = val["acc"]
         if ctx.round > 0 and val["acc"] < self.reference_acc - self.recover_tolerance:
@@ -187,6 +203,10 @@ class SensitivityPruning(TWT):
     def finalize(self, ctx: "RunContext") -> dict[str, Any]:
         out = super().finalize(ctx)
         out["pinned"] = self.pinned
+        if "test" in ctx.loaders and self.dense_test_acc is not None:  # the sweep's result against its dense start
+            final = ctx.evaluate("test")["acc"]
+            out.update(test_acc_dense=self.dense_test_acc, test_acc_pruned=final,
+                       test_acc_drop_pts=100 * (self.dense_test_acc - final))
         if self.last_good is not None:
             out["recovered_round"] = self.last_good["round"]
         out.update(self.structure(ctx))
@@ -195,13 +215,16 @@ class SensitivityPruning(TWT):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["sensitivity"] = {"reference_acc": self.reference_acc, "last_good": self.last_good,
-                                "best": self.best, "pending": self.pending}
+                                "best": self.best, "bad_epochs": self.bad_epochs,
+                                "dense_test_acc": self.dense_test_acc}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = state.get("sensitivity", {})
         self.reference_acc = mine.get("reference_acc")
-        self.last_good, self.best, self.pending = mine.get("last_good"), mine.get("best"), mine.get("pending")
+        self.last_good, self.best = mine.get("last_good"), mine.get("best")
+        self.bad_epochs = int(mine.get("bad_epochs", 0))
+        self.dense_test_acc = mine.get("dense_test_acc")
         super().load_state_dict(state)
 
     # -- per step -------------------------------------------------------------------------------------------------
@@ -215,7 +238,7 @@ class SensitivityPruning(TWT):
             self.pre_step = [p.detach().clone() for p in self.decayed(ctx)]
 
 
-@option("method", "lobster", overrides={"rounds": 30, "retrain": "lr_rewind"})
+@option("method", "lobster", overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
 class Lobster(SensitivityPruning):
     """Options: ``lmbda`` (lambda > 0), ``gate`` ramp|step, ``decay`` all|prunable, ``decay_of``, ``pinned``,
     ``restore_best``, ``recover_tolerance``, ``twt`` in (0, 1), ``eps``, ``loss_tol`` and the shared pruning keys,
@@ -241,3 +264,13 @@ class Lobster(SensitivityPruning):
         base = self.pre_step if self.decay_of == "pre_step" else None
         lobster_decay(params, [p.grad for p in params], self.lmbda, self.gate, base)
         self.pre_step = None
+
+
+@option("method", "twt_loop", exclude=("lmbda", "decay_of"),
+        overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
+class TwtLoop(SensitivityPruning):
+    """LOBSTER and SeReNe's protocol with no regulariser (best epoch, plateau, recovery check, TWT threshold,
+    repeat): the baseline that shows what the regulariser adds."""
+
+    def decayed(self, ctx: "RunContext") -> list[Tensor]:
+        return []

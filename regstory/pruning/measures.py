@@ -8,7 +8,8 @@ entries go into the sweep's checkpoint state. The sweep builds:
 - :class:`Memorization` (``measure_memorization``): ``noisy_memorized``, ``noisy_true_label_acc``;
 - :class:`SDDPhases` (always): the four SDD phases of the round curve (``summary.json`` "sdd");
 - :class:`BestValModel` (always; acts when a val split exists): ``checkpoints/best.pt``, "best_val_model";
-- :class:`StopRule` (``stop``, sec. 2.4.2): ``stopped`` / ``entropy_onset`` keys, ends the sweep.
+- :class:`StopRule` (``stop``, sec. 2.4.2): ``stopped`` / ``entropy_onset`` keys, ends the sweep;
+- :class:`Footprint` (``footprint``: final / rounds / none): Table 2.1's sizes, compressed size and latencies.
 """
 from __future__ import annotations
 
@@ -196,3 +197,78 @@ def memorization(model: torch.nn.Module, noisy: TensorLoader | DatasetLoader | N
 
 def rounds_of(ctx: "RunContext") -> list[dict]:
     return read_jsonl(ctx.run_dir / ROUNDS_FILE)
+
+
+class Footprint(Measurement):
+    """The measures of Table 2.1 (:mod:`regstory.pruning.footprint`): pruning ratio, non-zero parameters, the
+    simplified model's size (:mod:`regstory.pruning.simplify`, BN folded; MB = 10**6 bytes, fp32), the compressed size
+    of the pruned state (``codec``; the test accuracy of the decoded model and its max abs error), and CPU latency at
+    batch 1 (median of ``repeats``, ``threads`` threads) of the pruned and the simplified model. The dense model is
+    round 0's (measured once: ``dense_mb``, ``latency_ms_dense``). ``when``: ``rounds`` (every round's record and the
+    summary) or ``final`` (the summary only: the model the sweep ends with)."""
+
+    def __init__(self, when: str, codec: str, repeats: int, threads: int):
+        self.when, self.codec, self.repeats, self.threads = when, codec, repeats, threads
+        self.dense: dict[str, Any] = {}
+
+    def setup(self, sweep: "PruningSweep", ctx: "RunContext") -> None:
+        from regstory.pruning.footprint import NNC_MISSING, nncodec_available
+        from regstory.pruning.simplify import SimplificationError, check_simplifiable
+
+        if self.codec == "nncodec" and not nncodec_available():
+            raise ConfigError(f"method.footprint_codec=nncodec: {NNC_MISSING}")
+        try:
+            check_simplifiable(ctx.model, tuple(ctx.data.input_shape))
+        except SimplificationError as err:
+            raise ConfigError(f"method.footprint={self.when} simplifies the pruned model: {err} "
+                              f"(method.footprint=none skips the Table 2.1 measures)") from None
+
+    def measure(self, sweep: "PruningSweep", ctx: "RunContext", record: dict[str, Any]) -> None:
+        if ctx.round == 0 and not self.dense:
+            self.dense = self.dense_measures(ctx)
+            record.update(self.dense)
+        if self.when == "rounds" and ctx.is_main_process:
+            record.update(self.of(ctx))
+
+    def summary(self, sweep: "PruningSweep", ctx: "RunContext", rounds: list[dict]) -> dict[str, Any]:
+        return {**self.dense, **self.of(ctx)} if ctx.is_main_process else {}
+
+    @torch.no_grad()
+    def dense_measures(self, ctx: "RunContext") -> dict[str, Any]:
+        from regstory.pruning.footprint import latency_ms, parameter_count, size_mb
+
+        shape = tuple(ctx.data.input_shape)
+        return {"dense_params": parameter_count(ctx.model), "dense_mb": size_mb(ctx.model),
+                "latency_ms_dense": latency_ms(ctx.model, shape, self.repeats, threads=self.threads)["median_ms"]}
+
+    @torch.no_grad()
+    def of(self, ctx: "RunContext") -> dict[str, Any]:
+        """The measures of the model as it is now."""
+        import copy
+
+        from regstory.pruning.footprint import (compress, latency_ms, nonzero_parameters, parameter_count,
+                                                pruning_ratio, size_mb)
+        from regstory.pruning.simplify import fold_batchnorm, simplify
+
+        shape = tuple(ctx.data.input_shape)
+        model = ctx.model
+        small = fold_batchnorm(simplify(model, shape)[0], shape)
+        packed = compress(model, codec=self.codec)
+        decoded = copy.deepcopy(model)
+        decoded.load_state_dict({k: v.to(t.device) for (k, v), t in zip(packed.decoded.items(),
+                                                                         model.state_dict().values())})
+        lat = {name: latency_ms(m, shape, self.repeats, threads=self.threads)["median_ms"]
+               for name, m in (("pruned", model), ("simplified", small))}
+        return {"pruning_ratio_pct": 100 * pruning_ratio(model), "nonzero_params": nonzero_parameters(model),
+                "simplified_params": parameter_count(small), "simplified_mb": size_mb(small),
+                "compressed_codec": packed.codec, "compressed_mb": packed.mb,
+                "compressed_max_abs_error": packed.max_abs_error,
+                "compressed_test_acc": ctx.evaluate("test", model=decoded)["acc"],
+                "latency_ms_pruned": lat["pruned"], "latency_ms_simplified": lat["simplified"],
+                "latency_threads": self.threads}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"footprint_dense": self.dense}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dense = state.get("footprint_dense", {})

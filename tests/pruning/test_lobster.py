@@ -85,3 +85,29 @@ def test_lobster_end_to_end_from_the_cli_prunes_and_pins(tmp_path):
                                       ("method.gate=smooth", "method.gate")])
 def test_bad_input_is_one_line_before_anything_runs(tmp_path, bad, key):
     assert key in cli_refusal(tmp_path, "dataset=digits", "method=lobster", bad)
+
+
+PLATEAU = ("dataset=digits", "dataset.val_fraction=0.1", "arch=lenet300", "method=lobster", "method.rounds=1",
+           "trainer.epochs=6", "method.patience=1", "method.plateau_tol=-0.9")
+
+
+def test_a_plateau_ends_the_round_early_and_resume_does_not_train_the_skipped_epochs(tmp_path, monkeypatch):
+    """plateau_tol=-0.9 asks each epoch for a 90% lower validation loss than the best: epoch 1 is not good, and with
+    patience 1 the round ends there (2 of 6 epochs); the kill in round 1 resumes without retraining round 0."""
+    from regstory.pruning.lobster import SensitivityPruning
+    from tests.conftest import interrupt_then_resume
+
+    summary = interrupt_then_resume(monkeypatch, SensitivityPruning, "start_epoch", (1, 1), PLATEAU, tmp_path / "run")
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [(m["round"], m["epoch"]) for m in metrics] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [m["plateau_bad_epochs"] for m in metrics] == [0, 1, 0, 1]
+    assert all("test_acc" in m and "val_loss" in m for m in metrics[1::2])  # a round's last epoch: both measured
+    rounds = read_jsonl(tmp_path / "run" / "rounds.jsonl")
+    assert [r["round_epochs"] for r in rounds] == [2, 2]
+    assert rounds[0]["restored_epoch"] == min(metrics[:2], key=lambda m: m["val_loss"])["epoch"]
+    assert summary["plugins"]["method"]["final_sparsity"] > 0
+
+
+def test_plateau_patience_is_typed(tmp_path):
+    assert "method.patience" in cli_refusal(tmp_path, "dataset=digits", "arch=lenet300", "method=lobster",
+                                             "method.patience=0")

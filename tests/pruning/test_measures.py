@@ -2,7 +2,7 @@
 import pytest
 
 from regstory.pruning.magnitude import IMP
-from regstory.pruning.measures import ActivationEntropy, BestValModel, Memorization, SDDPhases, StopRule
+from regstory.pruning.measures import ActivationEntropy, BestValModel, Footprint, Memorization, SDDPhases, StopRule
 from regstory.train import run
 from tests.conftest import make_cfg, read_jsonl
 from tests.pruning.test_imp import fake_ctx
@@ -10,7 +10,8 @@ from tests.pruning.test_imp import fake_ctx
 
 def test_measurements_follow_their_options_in_record_order():
     kinds = [type(m) for m in IMP().measures]
-    assert kinds == [ActivationEntropy, Memorization, SDDPhases, BestValModel, StopRule]
+    assert kinds == [ActivationEntropy, Memorization, SDDPhases, BestValModel, StopRule, Footprint]
+    assert Footprint not in [type(m) for m in IMP(footprint="none").measures]
     assert Memorization not in [type(m) for m in IMP(measure_memorization=False).measures]
 
 
@@ -18,7 +19,7 @@ def test_checkpoint_state_keeps_its_keys():
     imp = IMP(rate=0.5, rounds=2)
     imp.setup(fake_ctx())
     state = imp.state_dict()
-    assert set(state) == {"masks", "rewind_state", "stop", "best"}
+    assert set(state) == {"masks", "rewind_state", "stop", "best", "footprint_dense"}
     fresh = IMP(rate=0.5, rounds=2)
     fresh.setup(fake_ctx())
     fresh.load_state_dict(state)

@@ -106,7 +106,7 @@ def test_upper_bound_refuses_normalisation_layers():
     from regstory.config import ConfigError
     from regstory.pruning.serene import Serene
 
-    plugin = Serene(bound="upper")
+    plugin = Serene(bound="upper", footprint="none")
     model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
     ctx = type("Ctx", (), {"model": model, "data": None, "loaders": {"val": []}, "epochs": 2, "plugins": [plugin],
                            "cfg": None})()
