@@ -420,6 +420,17 @@ def discard_if_started_empty(run_dir: Path, started: float) -> None:
             if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir):
                 handler.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+        remove_empty_parents(run_dir.parent)
+
+
+def remove_empty_parents(folder: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty (e.g. ``outputs/runs/<date>`` left by a run that
+    failed at start-up), never the working directory or anything outside it."""
+    stop = Path.cwd().resolve()
+    folder = folder.resolve()
+    while stop in folder.parents and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def hydra_entry(cfg: DictConfig) -> dict[str, Any] | None:

@@ -92,14 +92,15 @@ def regularised_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class SensitivityPruning(TWT):
-    """The protocol shared by LOBSTER and SeReNe: regularised training, the round's best epoch restored, the
-    recovery check against round 0 (``recover_tolerance``), a TWT threshold, repeat (module docstring)."""
+    """The protocol shared by LOBSTER, SeReNe and ``twt_loop``: training until the validation loss plateaus (with the
+    regulariser of a :class:`RegularisedPruning` subclass), the round's best epoch restored, the recovery check
+    against round 0 (``recover_tolerance``), a TWT threshold, repeat (module docstring)."""
 
-    def __init__(self, lmbda: Lambda = 1e-4, twt: TwtFraction = 0.05, decay_of: DecayOf = "stepped",
-                 pinned: Pinned = "weights", restore_best: bool = True, recover_tolerance: Tolerance = 0.01,
-                 revert_on_stop: bool = False, patience: Patience = 5, plateau_tol: PlateauTol = 0.01, **common):
+    def __init__(self, twt: TwtFraction = 0.05, pinned: Pinned = "weights", restore_best: bool = True,
+                 recover_tolerance: Tolerance = 0.01, revert_on_stop: bool = False, patience: Patience = 5,
+                 plateau_tol: PlateauTol = 0.01, **common):
         super().__init__(twt=twt, **common)
-        self.lmbda, self.decay_of, self.pinned = lmbda, decay_of, pinned
+        self.pinned = pinned
         self.restore_best, self.recover_tolerance = restore_best, recover_tolerance
         self.revert_on_stop = revert_on_stop
         self.patience, self.plateau_tol = patience, plateau_tol
@@ -108,7 +109,6 @@ class SensitivityPruning(TWT):
         self.dense_test_acc: float | None = None  # round 0's test accuracy (the restored epoch)
         self.last_good: dict[str, Any] | None = None  # weights + masks of the last round that recovered it
         self.best: dict[str, Any] | None = None  # the round's best epoch so far: val_loss, epoch, state
-        self.pre_step: list[Tensor] | None = None
 
     # -- per epoch: the round's best epoch, and the plateau --------------------------------------------------------
     def start_round(self, ctx: "RunContext") -> None:
@@ -227,6 +227,17 @@ class SensitivityPruning(TWT):
         self.dense_test_acc = mine.get("dense_test_acc")
         super().load_state_dict(state)
 
+
+
+class RegularisedPruning(SensitivityPruning):
+    """The protocol with a regulariser applied after each optimizer step (LOBSTER, SeReNe): ``lmbda`` > 0 and
+    ``decay_of`` (``stepped``: the updated weights, the authors' code; ``pre_step``: the weights before the step)."""
+
+    def __init__(self, lmbda: Lambda = 1e-4, decay_of: DecayOf = "stepped", **common):
+        super().__init__(**common)
+        self.lmbda, self.decay_of = lmbda, decay_of
+        self.pre_step: list[Tensor] | None = None
+
     # -- per step -------------------------------------------------------------------------------------------------
     def decayed(self, ctx: "RunContext") -> list[Tensor]:
         """The tensors the regulariser updates (subclasses say)."""
@@ -239,7 +250,7 @@ class SensitivityPruning(TWT):
 
 
 @option("method", "lobster", overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
-class Lobster(SensitivityPruning):
+class Lobster(RegularisedPruning):
     """Options: ``lmbda`` (lambda > 0), ``gate`` ramp|step, ``decay`` all|prunable, ``decay_of``, ``pinned``,
     ``restore_best``, ``recover_tolerance``, ``twt`` in (0, 1), ``eps``, ``loss_tol`` and the shared pruning keys,
     with 30 rounds (the recovery check usually ends the sweep first) and ``retrain=lr_rewind`` (continue from the
@@ -266,11 +277,7 @@ class Lobster(SensitivityPruning):
         self.pre_step = None
 
 
-@option("method", "twt_loop", exclude=("lmbda", "decay_of"),
-        overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
+@option("method", "twt_loop", overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
 class TwtLoop(SensitivityPruning):
     """LOBSTER and SeReNe's protocol with no regulariser (best epoch, plateau, recovery check, TWT threshold,
     repeat): the baseline that shows what the regulariser adds."""
-
-    def decayed(self, ctx: "RunContext") -> list[Tensor]:
-        return []

@@ -31,7 +31,7 @@ literally). BatchNorm gamma/beta of a neuron are not decayed here (no model in :
 after a layer that SeReNe regularises in a way this module can pair; left for the conv nets). The output layer
 (whose potentials are the logits, S = 1/C each) is not regularised unless ``regularize_output=true``.
 The train / threshold / repeat protocol, ``pinned`` and ``recover_tolerance`` are those of
-:class:`regstory.pruning.lobster.SensitivityPruning`.
+:class:`regstory.pruning.lobster.RegularisedPruning`.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from regstory.activations import ACTIVATION_TYPES, ActivationRecorder
 from regstory.config import ConfigError
 from regstory.options import OneOf, option
 from regstory.plugins import activation_recorder
-from regstory.pruning.lobster import SensitivityPruning
+from regstory.pruning.lobster import RegularisedPruning
 from regstory.pruning.masks import NORM_LAYERS, PRUNABLE_LAYERS, forward_order
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ def serene_decay(weights: Sequence[Tensor], biases: Sequence[Tensor | None], sen
 
 
 @option("method", "serene", overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
-class Serene(SensitivityPruning):
+class Serene(RegularisedPruning):
     """Options: ``bound`` lower|upper (eq. 2.5 / 2.6), ``regularize_output``, ``lmbda`` (lambda > 0), ``decay_of``,
     ``pinned``, ``restore_best``, ``recover_tolerance``, ``twt`` in (0, 1), ``eps``, ``loss_tol`` and the shared
     pruning keys, with 30 rounds and ``retrain=lr_rewind``."""

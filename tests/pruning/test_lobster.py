@@ -111,3 +111,27 @@ def test_a_plateau_ends_the_round_early_and_resume_does_not_train_the_skipped_ep
 def test_plateau_patience_is_typed(tmp_path):
     assert "method.patience" in cli_refusal(tmp_path, "dataset=digits", "arch=lenet300", "method=lobster",
                                              "method.patience=0")
+
+
+class ConcatNet(torch.nn.Module):
+    """Two branches concatenated on the features: a topology the simplification refuses."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        n = int(torch.tensor(input_shape).prod())
+        self.a, self.b, self.head = torch.nn.Linear(n, 4), torch.nn.Linear(n, 4), torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+def test_an_arch_the_simplification_cannot_express_is_refused_in_one_line(tmp_path):
+    line = cli_refusal(tmp_path, "dataset=digits", "dataset.val_fraction=0.1", "arch=lenet300", "method=lobster",
+                       "arch._target_=tests.pruning.test_lobster.ConcatNet")
+    assert "method.footprint" in line and "cat" in line and "footprint=none" in line
+    # in the default run folder (outputs/runs/<date>/<time>) too: no empty folders are left behind
+    proc = run_cli("dataset=digits", "dataset.val_fraction=0.1", "arch=lenet300", "method=lobster",
+                   "arch._target_=tests.pruning.test_lobster.ConcatNet", "logger.wandb.mode=disabled",
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and list(tmp_path.iterdir()) == []
