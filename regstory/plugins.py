@@ -82,6 +82,9 @@ class Plugin:
     #: set True when ``end_epoch`` itself reports ``{split}_loss`` and ``{split}_acc`` for the val and test splits
     #: every epoch: the loop then skips its own evaluation pass (one pass over each split instead of two)
     evaluates: bool = False
+    #: True when the method needs a validation split held out from the train set (TWT, LOBSTER, SeReNe): a command
+    #: line that sets no ``dataset.val_fraction`` then holds out 10% (:func:`regstory.preflight.with_validation_split`)
+    needs_validation: bool = False
     #: the plugin's name in the run (its config slot); set by the engine
     slot: str = "plugin"
     #: the training step's activations this plugin reads (``out.activations`` in the loss hooks, ``ctx.activations``

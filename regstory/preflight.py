@@ -53,13 +53,14 @@ def preflight(argv: list[str]) -> list[str]:
         jobs = sweep_jobs(overrides) if args.multirun else [overrides]
         with initialize_config_dir(config_dir=conf_dir(), version_base=None):
             added = with_natural_dataset(overrides, config_name)
+            needing = []  # the plugins that need a validation split, per job
             for job in jobs:
                 try:
                     cfg = compose_checked([*job, *added], config_name)
                     login = wandb_login_missing(cfg.logger.wandb.mode)
                     if login:
                         raise ConfigError(login)
-                    build_plugins(cfg)  # plugins that cannot compose
+                    needing.append(needs_validation(build_plugins(cfg), cfg, job))  # build: plugins that cannot compose
                 except (ConfigError, CompositionError, HydraException) as err:
                     problems.append((job, _one_line(err)))
     except (ConfigError, HydraException) as err:
@@ -73,6 +74,10 @@ def preflight(argv: list[str]) -> list[str]:
     if added:
         print(f"regstory-run: {added[0].split('=')[1]} is this architecture's data set (dataset=... for another)",
               file=sys.stderr)
+    if needing and all(needing) and "resume=true" not in overrides:  # a resumed run keeps its own split
+        added.append(f"dataset.val_fraction={DEFAULT_VAL_FRACTION}")
+        print(f"regstory-run: {needing[0]} needs a validation split: {DEFAULT_VAL_FRACTION:.0%} of the training set is "
+              f"held out (dataset.val_fraction=... to choose)", file=sys.stderr)
     if "resume=true" in overrides and not any(o.startswith("hydra.output_subdir=") for o in args.overrides):
         added.append("hydra.output_subdir=null")  # Hydra would rewrite the run's .hydra/ record of how it started
     return [*argv, *added]
@@ -93,6 +98,18 @@ def describe_problems(problems: list[tuple[list[str], str]], jobs: list[list[str
     common = set.intersection(*(set(job) for job in jobs))
     points = "; ".join(f"[{' '.join(o for o in job if o not in common)}] {message}" for job, message in problems)
     return f"{len(problems)} of {len(jobs)} sweep points are invalid, nothing was run: {points}"
+
+
+#: the validation fraction held out for a method that needs one when the command line sets none
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def needs_validation(plugins: list, cfg, job: list[str]) -> str:
+    """The slot and class of the first plugin that needs a validation split the job does not have ("" when none does, or when
+    the job sets ``dataset.val_fraction`` itself)."""
+    if any(o.lstrip("+~").startswith("dataset.val_fraction=") for o in job) or cfg.dataset.get("val_fraction"):
+        return ""
+    return next((f"{p.slot} ({type(p).__name__})" for p in plugins if p.needs_validation), "")
 
 
 def with_natural_dataset(overrides: list[str], config_name: str) -> list[str]:

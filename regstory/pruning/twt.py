@@ -71,10 +71,12 @@ class TWT(PruningSweep):
         self.twt, self.eps, self.loss_tol = twt, eps, loss_tol
         self.last_threshold: float | None = None
 
+    needs_validation = True
+
     def setup(self, ctx: "RunContext") -> None:
         if "val" not in ctx.loaders:
-            raise ConfigError("method=twt measures the loss worsening on a validation split held out from the train "
-                              "set: set dataset.val_fraction > 0 (e.g. dataset.val_fraction=0.1)")
+            raise ConfigError(f"{self.slot}: the TWT threshold measures the loss worsening on a validation split "
+                              f"held out from the train set: set dataset.val_fraction > 0 (e.g. 0.1)")
         super().setup(ctx)
 
     @torch.no_grad()

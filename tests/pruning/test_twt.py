@@ -56,3 +56,21 @@ def test_twt_fine_tunes_the_pruned_weights_by_default_and_can_still_rewind():
     cfg = make_cfg("method=twt")
     assert cfg.method.retrain == "finetune" and cfg.method.rounds == 10
     assert make_cfg("method=twt", "method.retrain=rewind").method.retrain == "rewind"
+
+
+def test_the_cli_holds_out_a_validation_split_for_methods_that_need_one(tmp_path):
+    """``regstory-run method=lobster`` as typed: 10% held out, said in one line; an explicit choice is kept, and a
+    method that needs none gets none."""
+    from tests.conftest import run_cli
+
+    common = ["dataset=digits", "arch=lenet300", "trainer.epochs=1", "method.rounds=1", "logger.wandb.mode=disabled",
+              "logger.progress=none"]
+    proc = run_cli("method=lobster", *common, "hydra.run.dir=a", cwd=tmp_path)
+    assert "method (Lobster) needs a validation split: 10% of the training set is held out" in proc.stderr
+    assert "val_fraction: 0.1" in (tmp_path / "a" / "config.yaml").read_text()
+    proc = run_cli("method=twt", *common, "dataset.val_fraction=0.3", "hydra.run.dir=b", cwd=tmp_path)
+    assert "needs a validation split" not in proc.stderr
+    assert "val_fraction: 0.3" in (tmp_path / "b" / "config.yaml").read_text()
+    proc = run_cli("method=imp", *common, "hydra.run.dir=c", cwd=tmp_path)
+    assert "needs a validation split" not in proc.stderr
+    assert "val_fraction: 0.0" in (tmp_path / "c" / "config.yaml").read_text()
