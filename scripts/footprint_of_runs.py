@@ -4,9 +4,9 @@ in an environment of its own: it pins numpy 1.26), or the latencies again on a q
     python scripts/footprint_of_runs.py RUN_DIR [RUN_DIR ...] [--codec nncodec] [--repeats 50] [--threads 1]
         [--out footprint.csv]
 
-Per run: the final model (``checkpoints/last.pt``), its simplified form (BN folded), the compressed size with
-``--codec`` and the decoded model's test accuracy, CPU latencies at batch 1 of the dense architecture (freshly
-built: latency does not depend on the weights' values), the pruned and the simplified model. One row per run,
+Per run: the final model (``checkpoints/last.pt``), its simplified form (BN folded), the measures of
+:func:`regstory.pruning.footprint.model_measures` with ``--codec`` and the decoded model's test accuracy, and the dense
+architecture's (freshly built: its size, MACs and latency do not depend on the weights' values). One row per run,
 printed as a table (and written to ``--out``, .csv or .md).
 """
 from __future__ import annotations
@@ -24,8 +24,7 @@ from omegaconf import OmegaConf
 from regstory.checkpoint import load_checkpoint
 from regstory.data.prepare import make_loaders, prepare_data
 from regstory.loop import evaluate
-from regstory.pruning.footprint import (compress, latency_ms, nonzero_parameters, parameter_count, pruning_ratio,
-                                        size_mb)
+from regstory.pruning.footprint import dense_measures, model_measures
 from regstory.pruning.simplify import fold_batchnorm, simplify
 from regstory.surgery import rebuild
 
@@ -43,17 +42,11 @@ def measure_run(run_dir: Path, codec: str, repeats: int, threads: int) -> dict:
         model.load_state_dict(ckpt["model"])
     test = make_loaders(bundle, cfg, torch.device("cpu"))["test"]
     small = fold_batchnorm(simplify(model, shape)[0], shape)
-    packed = compress(model, codec=codec)
+    row, packed = model_measures(model, small, shape, codec, repeats, threads)
     decoded = copy.deepcopy(model)
     decoded.load_state_dict(packed.decoded)
-    lat = {name: latency_ms(m, shape, repeats, threads=threads)["median_ms"]
-           for name, m in (("dense", dense), ("pruned", model), ("simplified", small))}
-    return {"run": run_dir.name, "pruning_ratio_pct": 100 * pruning_ratio(model),
-            "nonzero_params": nonzero_parameters(model), "dense_mb": size_mb(dense), "simplified_mb": size_mb(small),
-            "simplified_params": parameter_count(small), "compressed_codec": packed.codec,
-            "compressed_mb": packed.mb, "compressed_max_abs_error": packed.max_abs_error,
-            "test_acc": evaluate(model, test)["acc"], "decoded_test_acc": evaluate(decoded, test)["acc"],
-            **{f"latency_ms_{k}": v for k, v in lat.items()}, "latency_threads": threads}
+    return {"run": run_dir.name, **dense_measures(dense, shape, repeats, threads), **row,
+            "test_acc": evaluate(model, test)["acc"], "decoded_test_acc": evaluate(decoded, test)["acc"]}
 
 
 def main(argv: list[str] | None = None) -> None:

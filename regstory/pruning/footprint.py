@@ -9,8 +9,9 @@ Units, once for all:
 - :func:`size_mb` counts every parameter and every *floating* buffer (batch-norm running mean/var: what a deployed
   model stores and needs) at 4 bytes (fp32) each, whatever their dtype; integer buffers (``num_batches_tracked``)
   are left out, inference never reads them;
-- pruning ratio and sparsity are fractions (0-1) in the functions and a percentage in :func:`table_row`
+- pruning ratio and sparsity are fractions (0-1) in the functions and a percentage in :func:`model_measures`
   (``pruning_ratio_pct``, the column of the table);
+- MACs (multiply-accumulates) of one sample through the conv and linear layers (:func:`macs`); FLOPs = 2 x MACs;
 - latencies are medians in milliseconds, CPU, batch 1.
 
 Compressed size (thesis: MPEG-7 part 17, ISO/IEC 15938-17 "Neural Network Coding"): :func:`compress` uses the
@@ -258,8 +259,8 @@ def _nncodec_compress(state: dict[str, Tensor], qp: int) -> Compressed:
 # ------------------------------------------------------------------------------------------------------ latency
 
 def latency_ms(model: nn.Module, input_shape: Sequence[int], repeats: int = 50, warmup: int = 5,
-               threads: int | None = 1, seed: int = 0) -> dict[str, Any]:
-    """CPU inference latency of ``model`` on one input of shape ``(1, *input_shape)`` (batch 1, eval mode,
+               threads: int | None = 1, seed: int = 0, batch: int = 1) -> dict[str, Any]:
+    """CPU inference latency of ``model`` on one input of shape ``(batch, *input_shape)`` (default batch 1, eval mode,
     ``torch.inference_mode``): ``median_ms`` (milliseconds, median of ``repeats`` timed forwards with
     ``time.perf_counter`` after ``warmup`` untimed ones), ``threads`` (torch intra-op threads used; None keeps the
     current setting) and ``repeats``. A model off the CPU is timed on a CPU copy; the train/eval mode and torch's
@@ -271,7 +272,7 @@ def latency_ms(model: nn.Module, input_shape: Sequence[int], repeats: int = 50, 
         import copy
         model = copy.deepcopy(model).cpu()
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    x = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(seed)).to(dtype)
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(seed)).to(dtype)
     previous, was_training = torch.get_num_threads(), model.training
     used = previous if threads is None else int(threads)
     times = []
@@ -291,41 +292,80 @@ def latency_ms(model: nn.Module, input_shape: Sequence[int], repeats: int = 50, 
     return {"median_ms": statistics.median(times) * 1e3, "threads": used, "repeats": repeats}
 
 
-# ---------------------------------------------------------------------------------------------------- table row
+# ---------------------------------------------------------------------------------------------------------- MACs
 
-def table_row(dense: nn.Module | None, pruned: nn.Module, simplified: nn.Module, input_shape: Sequence[int],
-              codec: str = "auto", qp: int = -32, repeats: int = 50, warmup: int = 5, threads: int | None = 1,
-              prunable: Iterable[Tensor] | None = None) -> dict[str, Any]:
-    """One row of Table 2.1 as flat, JSON-friendly keys (for ``summary.json`` / ``rounds.jsonl``):
+@torch.no_grad()
+def macs(model: nn.Module, input_shape: Sequence[int], nonzero: bool = False) -> int:
+    """Multiply-accumulates of one sample of shape ``input_shape`` through the conv and linear layers of ``model``
+    (what dominates; BN, activations, pools and additions are not counted). A conv computes, per output position,
+    one MAC per weight entry: ``H_out * W_out * weight.numel()``; a linear ``weight.numel()`` per row of its input.
+    ``nonzero``: only the non-zero weights count (a sparse kernel's work)."""
+    total = 0
 
-    - ``pruning_ratio_pct``: percent of zeros among ``prunable`` (default: the conv/linear weights of ``pruned``);
-    - ``params``, ``nonzero_params`` (of ``pruned``), ``simplified_params``: counts of parameters;
-    - ``dense_mb``, ``simplified_mb``: :func:`size_mb` in MB (10**6 bytes, fp32, parameters + floating buffers);
-    - ``compressed_codec``, ``compressed_bytes``, ``compressed_mb``, ``compressed_max_abs_error``: :func:`compress`
-      of ``pruned``'s state dict (``codec``, ``qp``);
-    - ``latency_ms_dense``, ``latency_ms_pruned``, ``latency_ms_simplified``: :func:`latency_ms` medians in ms,
-      with ``latency_threads`` and ``latency_repeats``.
+    def count(module: nn.Module, args: tuple, output: Tensor) -> None:
+        nonlocal total
+        per_output = int(torch.count_nonzero(module.weight)) if nonzero else module.weight.numel()
+        if isinstance(module, nn.Linear):
+            positions = output.numel() // output.shape[-1]
+        else:  # ConvNd: output (1, C_out, *spatial); each output position uses the whole filter bank
+            positions = output[0, 0].numel()
+        total += positions * per_output  # a grouped conv's weight already holds C_in / groups inputs per filter
 
-    ``dense`` may be None (its keys are then None). ``simplified`` is the already simplified model (built by the
-    caller). The decoded tensors of the compression are not kept: call :func:`compress` to measure their accuracy."""
-    tensors = prunable_weights(pruned) if prunable is None else list(prunable)
-    packed = compress(pruned, codec=codec, qp=qp)
-    lat = {name: (latency_ms(m, input_shape, repeats=repeats, warmup=warmup, threads=threads)
-                  if m is not None else None)
-           for name, m in (("dense", dense), ("pruned", pruned), ("simplified", simplified))}
-    some = next(v for v in lat.values() if v is not None)
-    return {
-        "pruning_ratio_pct": 100.0 * sparsity(tensors),
-        "params": parameter_count(pruned),
-        "nonzero_params": nonzero_parameters(pruned),
-        "simplified_params": parameter_count(simplified),
-        "dense_mb": size_mb(dense) if dense is not None else None,
-        "simplified_mb": size_mb(simplified),
-        "compressed_codec": packed.codec,
-        "compressed_bytes": packed.nbytes,
-        "compressed_mb": packed.mb,
-        "compressed_max_abs_error": packed.max_abs_error,
-        **{f"latency_ms_{k}": (v["median_ms"] if v is not None else None) for k, v in lat.items()},
-        "latency_threads": some["threads"],
-        "latency_repeats": some["repeats"],
-    }
+    layers = [m for m in model.modules() if isinstance(m, PRUNABLE_LAYERS)]
+    handles = [m.register_forward_hook(count) for m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else "cpu"
+        model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total
+
+
+def saved_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save`` of the model's state dict (what a checkpoint of it takes on disk)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+# ----------------------------------------------------------------------------------------------- one model's row
+
+def model_measures(model: nn.Module, simplified: nn.Module, input_shape: Sequence[int], codec: str = "auto",
+                   repeats: int = 20, threads: int = 1) -> tuple[dict[str, Any], Compressed]:
+    """Table 2.1's measures of a pruned ``model`` and its ``simplified`` form (BN folded), as flat JSON-friendly keys,
+    and the compression (its ``decoded`` tensors give the decoded model's accuracy):
+
+    - ``pruning_ratio_pct`` (% zeros among conv / linear weights), ``nonzero_params``, ``compression_ratio``
+      (parameters / non-zero parameters);
+    - ``macs_pruned`` (non-zero weights only), ``macs_simplified``;
+    - ``simplified_params``, ``simplified_mb`` (:func:`size_mb`), ``simplified_bytes_on_disk`` (:func:`saved_bytes`);
+    - ``compressed_codec``, ``compressed_mb``, ``compressed_max_abs_error`` (:func:`compress` of ``model``);
+    - ``latency_ms_pruned``, ``latency_ms_simplified`` (batch 1), ``latency_ms_simplified_b64`` (batch 64), medians of
+      ``repeats`` on ``threads`` CPU threads (``latency_threads``)."""
+    packed = compress(model, codec=codec)
+    nonzero = nonzero_parameters(model)
+    row = {"pruning_ratio_pct": 100 * pruning_ratio(model), "nonzero_params": nonzero,
+           "compression_ratio": parameter_count(model) / max(nonzero, 1),
+           "macs_pruned": macs(model, input_shape, nonzero=True), "macs_simplified": macs(simplified, input_shape),
+           "simplified_params": parameter_count(simplified), "simplified_mb": size_mb(simplified),
+           "simplified_bytes_on_disk": saved_bytes(simplified),
+           "compressed_codec": packed.codec, "compressed_mb": packed.mb,
+           "compressed_max_abs_error": packed.max_abs_error}
+    for name, m, batch in (("pruned", model, 1), ("simplified", simplified, 1), ("simplified_b64", simplified, 64)):
+        row[f"latency_ms_{name}"] = latency_ms(m, input_shape, repeats, threads=threads, batch=batch)["median_ms"]
+    row["latency_threads"] = threads
+    return row, packed
+
+
+def dense_measures(model: nn.Module, input_shape: Sequence[int], repeats: int = 20, threads: int = 1) -> dict[str, Any]:
+    """The dense reference: ``dense_params``, ``dense_mb``, ``dense_macs``, ``latency_ms_dense`` (batch 1)."""
+    return {"dense_params": parameter_count(model), "dense_mb": size_mb(model),
+            "dense_macs": macs(model, input_shape),
+            "latency_ms_dense": latency_ms(model, input_shape, repeats, threads=threads)["median_ms"]}

@@ -200,10 +200,11 @@ def rounds_of(ctx: "RunContext") -> list[dict]:
 
 
 class Footprint(Measurement):
-    """The measures of Table 2.1 (:mod:`regstory.pruning.footprint`): pruning ratio, non-zero parameters, the
-    simplified model's size (:mod:`regstory.pruning.simplify`, BN folded; MB = 10**6 bytes, fp32), the compressed size
-    of the pruned state (``codec``; the test accuracy of the decoded model and its max abs error), and CPU latency at
-    batch 1 (median of ``repeats``, ``threads`` threads) of the pruned and the simplified model. The dense model is
+    """The measures of Table 2.1 (:mod:`regstory.pruning.footprint`): pruning ratio, non-zero parameters and
+    compression ratio, MACs, the simplified model's size (:mod:`regstory.pruning.simplify`, BN folded; MB = 10**6
+    bytes, fp32; bytes on disk), the compressed size of the pruned state (``codec``; the test accuracy of the decoded
+    model and its max abs error), and CPU latency (median of ``repeats``, ``threads`` threads) of the pruned and the
+    simplified model at batch 1, and of the simplified one at batch 64. The dense model is
     round 0's (measured once: ``dense_mb``, ``latency_ms_dense``). ``when``: ``rounds`` (every round's record and the
     summary) or ``final`` (the summary only: the model the sweep ends with)."""
 
@@ -235,37 +236,27 @@ class Footprint(Measurement):
 
     @torch.no_grad()
     def dense_measures(self, ctx: "RunContext") -> dict[str, Any]:
-        from regstory.pruning.footprint import latency_ms, parameter_count, size_mb
+        from regstory.pruning.footprint import dense_measures
 
-        shape = tuple(ctx.data.input_shape)
-        return {"dense_params": parameter_count(ctx.model), "dense_mb": size_mb(ctx.model),
-                "latency_ms_dense": latency_ms(ctx.model, shape, self.repeats, threads=self.threads)["median_ms"]}
+        return dense_measures(ctx.model, tuple(ctx.data.input_shape), self.repeats, self.threads)
 
     @torch.no_grad()
     def of(self, ctx: "RunContext") -> dict[str, Any]:
-        """The measures of the model as it is now."""
+        """The measures of the model as it is now (:func:`regstory.pruning.footprint.model_measures`) and the test
+        accuracy of its compressed-then-decoded copy."""
         import copy
 
-        from regstory.pruning.footprint import (compress, latency_ms, nonzero_parameters, parameter_count,
-                                                pruning_ratio, size_mb)
+        from regstory.pruning.footprint import model_measures
         from regstory.pruning.simplify import fold_batchnorm, simplify
 
         shape = tuple(ctx.data.input_shape)
-        model = ctx.model
-        small = fold_batchnorm(simplify(model, shape)[0], shape)
-        packed = compress(model, codec=self.codec)
-        decoded = copy.deepcopy(model)
+        small = fold_batchnorm(simplify(ctx.model, shape)[0], shape)
+        row, packed = model_measures(ctx.model, small, shape, self.codec, self.repeats, self.threads)
+        decoded = copy.deepcopy(ctx.model)
         decoded.load_state_dict({k: v.to(t.device) for (k, v), t in zip(packed.decoded.items(),
-                                                                         model.state_dict().values())})
-        lat = {name: latency_ms(m, shape, self.repeats, threads=self.threads)["median_ms"]
-               for name, m in (("pruned", model), ("simplified", small))}
-        return {"pruning_ratio_pct": 100 * pruning_ratio(model), "nonzero_params": nonzero_parameters(model),
-                "simplified_params": parameter_count(small), "simplified_mb": size_mb(small),
-                "compressed_codec": packed.codec, "compressed_mb": packed.mb,
-                "compressed_max_abs_error": packed.max_abs_error,
-                "compressed_test_acc": ctx.evaluate("test", model=decoded)["acc"],
-                "latency_ms_pruned": lat["pruned"], "latency_ms_simplified": lat["simplified"],
-                "latency_threads": self.threads}
+                                                                         ctx.model.state_dict().values())})
+        row["compressed_test_acc"] = ctx.evaluate("test", model=decoded)["acc"]
+        return row
 
     def state_dict(self) -> dict[str, Any]:
         return {"footprint_dense": self.dense}

@@ -102,24 +102,45 @@ def test_latency_restores_threads_and_mode():
     assert fp.latency_ms(model, (64,), repeats=1, warmup=0, threads=None)["threads"] == before
 
 
-def test_table_row_keys_and_json():
-    dense = _mlp()
+def test_model_measures_keys_and_json():
     pruned = _sparsify(_mlp(), keep=0.1)
     simplified = nn.Sequential(nn.Flatten(), nn.Linear(64, 30), nn.ReLU(), nn.Linear(30, 10))
-    row = fp.table_row(dense, pruned, simplified, (64,), codec="lzma", repeats=2, warmup=0)
-    keys = {"pruning_ratio_pct", "params", "nonzero_params", "simplified_params", "dense_mb", "simplified_mb",
-            "compressed_codec", "compressed_bytes", "compressed_mb", "compressed_max_abs_error",
-            "latency_ms_dense", "latency_ms_pruned", "latency_ms_simplified", "latency_threads", "latency_repeats"}
-    assert keys <= row.keys()
-    assert json.loads(json.dumps(row)) == row
-    assert 85 < row["pruning_ratio_pct"] < 95 and row["compressed_codec"] == "lzma"
-    assert row["nonzero_params"] < row["params"] == fp.parameter_count(dense)
+    row, packed = fp.model_measures(pruned, simplified, (64,), codec="lzma", repeats=2)
+    assert json.loads(json.dumps(row)) == row and packed.codec == row["compressed_codec"] == "lzma"
+    assert 85 < row["pruning_ratio_pct"] < 95
+    assert row["compression_ratio"] == pytest.approx(fp.parameter_count(pruned) / row["nonzero_params"])
     assert row["simplified_mb"] == pytest.approx((64 * 30 + 30 + 30 * 10 + 10) * 4 / 1e6)
-    assert all(row[f"latency_ms_{k}"] > 0 for k in ("dense", "pruned", "simplified")) and row["latency_threads"] == 1
-    no_dense = fp.table_row(None, pruned, simplified, (64,), codec="lzma", repeats=1, warmup=0,
-                            prunable=fp.prunable_weights(pruned)[:1])
-    assert no_dense["dense_mb"] is None and no_dense["latency_ms_dense"] is None
-    json.dumps(no_dense)
+    assert row["macs_simplified"] == 64 * 30 + 30 * 10
+    assert row["macs_pruned"] == sum(int((m.weight != 0).sum()) for m in pruned.modules() if isinstance(m, nn.Linear))
+    assert row["simplified_bytes_on_disk"] > (64 * 30 + 30 * 10) * 4
+    assert all(row[f"latency_ms_{k}"] > 0 for k in ("pruned", "simplified", "simplified_b64"))
+    dense = fp.dense_measures(_mlp(), (64,), repeats=2)
+    assert dense["dense_params"] == fp.parameter_count(pruned) and dense["latency_ms_dense"] > 0
+
+
+def test_macs_of_lenet5_by_hand():
+    """LeNet-5 (Caffe) on 28x28: conv1 20x24x24 outputs x 25 MACs, conv2 50x8x8 x (20*25), fc 800x500, head 500x10."""
+    from regstory.models.lenet import lenet5
+
+    model = lenet5((1, 28, 28), 10)
+    hand = 20 * 24 * 24 * 25 + 50 * 8 * 8 * 20 * 25 + 800 * 500 + 500 * 10
+    assert fp.macs(model, (1, 28, 28)) == hand
+    with torch.no_grad():
+        model.conv[0].weight[:10] = 0  # half of conv1's filters
+    assert fp.macs(model, (1, 28, 28), nonzero=True) == hand - 10 * 24 * 24 * 25
+
+
+def test_macs_of_resnet18_match_torchs_flop_counter():
+    """torch.utils.flop_counter counts 2 FLOPs per MAC of the convolutions and matrix products (no BN, ReLU, adds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from regstory.models.resnet_cifar import resnet18
+
+    model = resnet18((3, 32, 32), 10, width=16).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    assert 2 * fp.macs(model, (3, 32, 32)) == counter.get_total_flops()
 
 
 def test_footprint_of_runs_script_remeasures_a_finished_run(tmp_path):
