@@ -24,6 +24,7 @@ GROUP_NOTES = {
     "trainer": "optimizer, schedule, epochs, batch size, device, precision",
     "logger": "W&B mode/project/tags; console progress: logger.progress=auto|bar|plain|none",
     "experiment": "a whole protocol: a paper preset that sets several groups at once",
+    "row": "one row of a table preset: experiment=table2_1 row=<arch>_<method>",
 }
 
 EXAMPLES = """\
@@ -33,6 +34,8 @@ EXAMPLES = """\
   regstory-run experiment=sdd_mnist1d                           # the CPU-scale sparse double descent
   regstory-run -m noise.rate=0.0,0.2,0.5 seed=0,1               # a sweep: 6 runs, one after another
   regstory-run -m hydra/launcher=local_parallel seed=0,1,2,3    # a sweep in parallel processes
+  regstory-run -m seed=0,1,2 hydra.sweep.dir=outputs/s dry_run=true   # its plan and estimated time, nothing run
+  regstory-run -m seed=0,1,2 hydra.sweep.dir=outputs/s          # relaunch: finished runs skipped, killed ones resumed
   regstory-run --cfg job method=imp                             # print the composed config, run nothing
   regstory-run hydra.run.dir=outputs/my_run resume=true         # continue a stopped run from its checkpoint"""
 

@@ -5,9 +5,12 @@ ranges against the typed schemas, plugins that cannot run together, a W&B mode t
 line (every bad point of a sweep in it) and exit status 2, before Hydra creates a folder. The preflight also adds
 ``dataset=<the architecture's own>`` when only an architecture is chosen, and keeps Hydra from rewriting a run's
 ``.hydra/`` record on ``resume=true``.
+
+It also plans the runs of a relaunched sweep and of a dry run (:mod:`regstory.planning`).
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from hydra.errors import InstantiationException
@@ -31,8 +34,11 @@ def preflight(argv: list[str]) -> list[str]:
     """Compose and check every config the command line asks for (each job of a ``-m`` sweep) before Hydra creates any
     folder: a wrong key, type or value, a W&B mode that cannot log, or plugins that cannot run together print ``regstory-run: error: <one line>`` (every bad point of a sweep in that line) and exit
     with status 2. Returns ``argv``, plus ``dataset=<its data set>`` when an architecture is chosen without a data
-    set (:func:`regstory.pairing.natural_dataset`), and without Hydra's ``.hydra/`` output on ``resume=true``. Hydra's own help, info and completion flags, and
-    ``--config-dir``/``--config-path``, are left to Hydra."""
+    set (:func:`regstory.pairing.natural_dataset`), and without Hydra's ``.hydra/`` output on ``resume=true`` or on a
+    relaunched sweep whose folders hold runs (:func:`regstory.planning.plan_runs`; the relaunch's count is printed in one line).
+    ``dry_run=true`` (taken off the command line: Hydra never sees it) prints the plan (:func:`regstory.planning.dry_run_report`) and
+    exits with status 0. Hydra's own help, info and completion flags, and ``--config-dir``/``--config-path``, are left
+    to Hydra."""
     from hydra import initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
@@ -42,6 +48,7 @@ def preflight(argv: list[str]) -> list[str]:
 
     if {"--version", "-h", "--help", "--hydra-help"} & set(argv):
         return argv
+    argv, dry_run = take_dry_run(argv)
     args = get_args_parser().parse_args(argv)
     if args.info or args.shell_completion or args.experimental_rerun or args.config_dir or args.config_path:
         return argv
@@ -78,9 +85,41 @@ def preflight(argv: list[str]) -> list[str]:
         added.append(f"dataset.val_fraction={DEFAULT_VAL_FRACTION}")
         print(f"regstory-run: {needing[0]} needs a validation split: {DEFAULT_VAL_FRACTION:.0%} of the training set is "
               f"held out (dataset.val_fraction=... to choose)", file=sys.stderr)
-    if "resume=true" in overrides and not any(o.startswith("hydra.output_subdir=") for o in args.overrides):
+    task_overrides = [*overrides, *added]  # in Hydra's order: the command line's, then the ones added here
+    keeps_record = any(o.startswith("hydra.output_subdir=") for o in args.overrides)
+    if "resume=true" in overrides and not keeps_record:
         added.append("hydra.output_subdir=null")  # Hydra would rewrite the run's .hydra/ record of how it started
+    if args.cfg is None and (args.multirun or dry_run):
+        hydra_overrides = [o for o in args.overrides if o not in overrides]
+        from regstory.planning import dry_run_report, plan_runs
+
+        plan = plan_runs(task_overrides, hydra_overrides, config_name, args.multirun, dry_run,
+                         resuming="resume=true" in overrides)
+        if dry_run:
+            print(dry_run_report(plan))
+            raise SystemExit(0)
+        if plan is not None and plan.relaunch:
+            print(f"regstory-run: {plan.count_line()} ({plan.where})", file=sys.stderr)
+            holds_runs = any(r.folder.holds_run for r in plan.runs)
+            if holds_runs and not keeps_record and "hydra.output_subdir=null" not in added:
+                added.append("hydra.output_subdir=null")  # keep the .hydra/ record of how each run started
     return [*argv, *added]
+
+
+def take_dry_run(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without its ``dry_run=<bool>`` (the preflight's own switch: Hydra never sees it), and its value."""
+    rest, dry = [], False
+    for arg in argv:
+        match = re.fullmatch(r"\+{0,2}dry_run=(.*)", arg)
+        if match is None:
+            rest.append(arg)
+            continue
+        value = match.group(1).strip().lower()
+        if value not in ("true", "false"):
+            print(f"regstory-run: error: dry_run must be true or false, got {match.group(1)}", file=sys.stderr)
+            raise SystemExit(2)
+        dry = value == "true"
+    return rest, dry
 
 
 def _one_line(err: BaseException) -> str:

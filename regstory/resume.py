@@ -7,18 +7,27 @@ config is refused in one line listing every such key, unless the key is safe to 
 (``trainer.epochs`` above the saved value, for a run that has not finished and whose schedule does not depend on the
 number of epochs, i.e. not cosine). The changes that were applied are appended to ``resumes.jsonl``; the
 original ``config.yaml``, ``provenance.json`` and ``.hydra/`` record are never rewritten.
+
+A job of a relaunched ``-m`` sweep continues the run its folder already holds, when that run is the same experiment
+(:mod:`regstory.runid`): it skips a finished run, resumes one with a checkpoint (through the same
+:func:`config_for_resume`), starts over one killed before its first checkpoint, and refuses a run of another
+experiment (:func:`continue_sweep_job`).
 """
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from regstory.options import ConfigError
 from regstory.utils import _json_default
+
+log = logging.getLogger("regstory")
 
 CONFIG_FILE = "config.yaml"
 RESUMES_FILE = "resumes.jsonl"
@@ -98,3 +107,33 @@ def record_resume(run_dir: Path, changes: dict[str, list[Any]], argv: list[str])
                       default=_json_default)
     with open(Path(run_dir) / RESUMES_FILE, "a") as f:
         f.write(line + "\n")
+
+
+def in_sweep_job() -> bool:
+    """True in a job of a Hydra multirun (``-m``), whatever the launcher (basic, joblib, submitit)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ValueError, ImportError):
+        return False
+
+
+def continue_sweep_job(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict[str, Any] | None]:
+    """What a sweep job does with a folder that a run of the sweep already used (a relaunch): a finished run of the
+    same experiment is skipped (its summary is returned, nothing is written); one with a checkpoint, or killed
+    before its first one, continues as ``resume=true`` would (the config comes back with ``resume`` set); a run of
+    another experiment is refused in one line (:class:`regstory.runid.RunIdMismatch`). An empty folder: ``cfg``
+    unchanged, None."""
+    from regstory.runid import FINISHED, RESTART, RESUMABLE, SUMMARY_FILE, inspect_folder
+
+    folder = inspect_folder(run_dir, cfg)
+    if folder.state == FINISHED:
+        log.info("%s holds this job's run (run id %s), finished: skipped", run_dir, folder.run_id)
+        return cfg, json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+    if folder.state in (RESUMABLE, RESTART):
+        cfg = copy.deepcopy(cfg)
+        with read_write(cfg):
+            cfg.resume = True
+    return cfg, None

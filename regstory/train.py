@@ -31,7 +31,8 @@ from regstory.preemption import (INTERRUPTED_EXIT_CODE, Preempted, PreemptionGua
                                  in_requeued_job)
 from regstory.pairing import probe
 from regstory.registry import UnknownNameError
-from regstory.resume import config_for_resume, explicit_override_keys, record_resume
+from regstory.resume import config_for_resume, continue_sweep_job, explicit_override_keys, in_sweep_job, record_resume
+from regstory.runid import run_id
 from regstory.tracking import METRICS_FILE, ROUNDS_FILE, RunLogger, read_jsonl
 from regstory.utils import atomic_write_json, seed_everything, set_rng_states
 
@@ -129,6 +130,7 @@ def provenance(cfg: DictConfig, data_fingerprint: str) -> dict[str, Any]:
     return {
         "git_commit": commit,
         "seed": int(cfg.seed),
+        "run_id": run_id(cfg),  # regstory.runid: the experiment this folder holds (a relaunched sweep reads it)
         "torch_num_threads": torch.get_num_threads(),
         "data_fingerprint": data_fingerprint,
         "python": sys.version.split()[0],
@@ -203,6 +205,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     try:
         run_dir = distributed.share_run_dir(Path(run_dir) if run_dir is not None else None, env)
         resume_changes = None
+        if not cfg.resume and in_sweep_job():  # a relaunched sweep: the job's folder may hold its run already
+            cfg, finished = continue_sweep_job(cfg, run_dir)
+            if finished is not None:
+                return finished
         if auto_resume(cfg.resume, run_dir / "checkpoints" / LAST) and (run_dir / "checkpoints" / LAST).exists():
             cfg, resume_changes = config_for_resume(cfg, run_dir, explicit_override_keys())
         with PreemptionGuard() as guard:
