@@ -61,7 +61,7 @@ class PruningSweep(Plugin):
                  stop_patience: Annotated[int, Range(ge=1)] = 2, stop_tolerance: Annotated[float, Range(ge=0)] = 0.0,
                  stop_acc_drop: Fraction = 0.01, stop_reference: Annotated[str, OneOf("onset", "best")] = "onset",
                  phase_metric: str = "auto", phase_tol: Fraction = 0.01, remask_after_step: bool = False,
-                 footprint: Annotated[str, OneOf("none", "final", "rounds")] = "final",
+                 footprint: Annotated[str, OneOf("none", "final", "rounds")] = "rounds",
                  footprint_codec: Annotated[str, OneOf("auto", "lzma", "nncodec")] = "auto",
                  latency_repeats: Annotated[int, Range(ge=1)] = 20, latency_threads: Annotated[int, Range(ge=1)] = 1):
         self.rounds, self.retrain, self.rewind_epoch, self.finetune_lr = rounds, retrain, rewind_epoch, finetune_lr

@@ -249,7 +249,7 @@ class RegularisedPruning(SensitivityPruning):
             self.pre_step = [p.detach().clone() for p in self.decayed(ctx)]
 
 
-@option("method", "lobster", overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
+@option("method", "lobster", overrides={"rounds": 30, "retrain": "lr_rewind"})
 class Lobster(RegularisedPruning):
     """Options: ``lmbda`` (lambda > 0), ``gate`` ramp|step, ``decay`` all|prunable, ``decay_of``, ``pinned``,
     ``restore_best``, ``recover_tolerance``, ``twt`` in (0, 1), ``eps``, ``loss_tol`` and the shared pruning keys,
@@ -277,7 +277,7 @@ class Lobster(RegularisedPruning):
         self.pre_step = None
 
 
-@option("method", "twt_loop", overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
+@option("method", "twt_loop", overrides={"rounds": 30, "retrain": "lr_rewind"})
 class TwtLoop(SensitivityPruning):
     """LOBSTER and SeReNe's protocol with no regulariser (best epoch, plateau, recovery check, TWT threshold,
     repeat): the baseline that shows what the regulariser adds."""

@@ -161,7 +161,7 @@ def serene_decay(weights: Sequence[Tensor], biases: Sequence[Tensor | None], sen
             b.sub_(lmbda * bb * insens)
 
 
-@option("method", "serene", overrides={"rounds": 30, "retrain": "lr_rewind", "footprint": "rounds"})
+@option("method", "serene", overrides={"rounds": 30, "retrain": "lr_rewind"})
 class Serene(RegularisedPruning):
     """Options: ``bound`` lower|upper (eq. 2.5 / 2.6), ``regularize_output``, ``lmbda`` (lambda > 0), ``decay_of``,
     ``pinned``, ``restore_best``, ``recover_tolerance``, ``twt`` in (0, 1), ``eps``, ``loss_tol`` and the shared
