@@ -72,6 +72,12 @@ def init(device: torch.device, env: DistEnv) -> torch.device:
     return device
 
 
+def wait_for_all(env: DistEnv) -> None:
+    """Every rank waits here until all have arrived (the end of a successful run, before the group goes)."""
+    if env.active and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown(env: DistEnv) -> None:
     if env.active and dist.is_initialized():
         dist.destroy_process_group()

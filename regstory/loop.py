@@ -256,6 +256,8 @@ class HookCaller:
         self.pins_after_step = [any(q is not p and q.pinned_weights() is not None for q in plugins)
                                 for p in self.after_step]
         self.needs_features = any(p.needs_features for p in plugins)
+        #: the bias-agnostic plugins (``uses_bias_labels`` False): their loss hooks get batches without ``"bias"``
+        self.blind = [p for p in plugins if not p.uses_bias_labels]
         self.evaluates = any(p.evaluates for p in plugins)
 
     def __getitem__(self, hook: str) -> list[Plugin]:
@@ -264,22 +266,24 @@ class HookCaller:
 
 def compute_loss(ctx: RunContext, hooks: HookCaller, batch: dict[str, Tensor], out: StepOutput) -> tuple[Tensor, dict]:
     """mean(w * l) plus every plugin's named extra terms: l is the per-sample CE unless a plugin replaces it
-    (``sample_loss``, one plugin at most), w the product of the plugins' ``sample_weights`` (1 without any)."""
+    (``sample_loss``, one plugin at most), w the product of the plugins' ``sample_weights`` (1 without any).
+    A bias-agnostic plugin (``uses_bias_labels`` False) gets the batch without its bias labels."""
+    hidden = {k: v for k, v in batch.items() if k != "bias"} if hooks.blind else batch
     per_sample = out.per_sample_loss
     for p in hooks.sample_loss:
-        replaced = p.sample_loss(ctx, batch, out)
+        replaced = p.sample_loss(ctx, hidden if p in hooks.blind else batch, out)
         if replaced is not None:
             per_sample = replaced
     out.sample_loss = per_sample
     weight = None
     for p in hooks.sample_weights:
-        w = p.sample_weights(ctx, batch, out)
+        w = p.sample_weights(ctx, hidden if p in hooks.blind else batch, out)
         if w is not None:
             weight = w if weight is None else weight * w
     loss = per_sample.mean() if weight is None else (weight * per_sample).mean()
     terms: dict[str, Tensor] = {}
     for p in hooks.extra_loss:
-        for name, value in p.extra_loss(ctx, batch, out).items():
+        for name, value in p.extra_loss(ctx, hidden if p in hooks.blind else batch, out).items():
             terms[name] = value
             loss = loss + value
     return loss, terms

@@ -33,6 +33,8 @@ Composition rules (owned by the engine, whatever the order of the plugins):
 * **Exclusive resources**: what a plugin owns alone (:meth:`Plugin.claims`, e.g. the per-sample loss or the
   training sampler) may be claimed by one plugin only; two claims, or plugins that disagree on the number of
   rounds, are refused at start-up in one line naming both.
+* **Bias labels**: a bias-agnostic plugin (``uses_bias_labels = False``) gets the batches of its loss hooks without
+  ``batch["bias"]``; the others get them whole.
 * **Names**: each plugin has a ``slot`` (``method``, ``debias``, ``distill``, ``plugins.<key>``); its checkpoint
   state and its summary entries are stored under that name.
 * **Model surgery**: a plugin that replaces the model calls ``ctx.replace_model(new_model, change)``; every plugin's
@@ -93,6 +95,9 @@ class Plugin:
     activation_sites: str | list[str] | None = None
     #: True keeps the recorded activations in the autograd graph with ``.grad`` after backward (SeReNe)
     activation_grads: bool = False
+    #: False for a bias-agnostic method (Table 3.2): the engine removes the bias labels (``batch["bias"]``) from the
+    #: batches its loss hooks receive, so it trains without them (evaluation still measures the groups with them)
+    uses_bias_labels: bool = True
 
     def setup(self, ctx: "RunContext") -> None:
         """Called once, after model, data and optimizer exist (and before a resumed state is loaded)."""

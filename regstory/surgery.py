@@ -139,7 +139,12 @@ def structure_of(model: nn.Module) -> nn.Module:
         if module._non_persistent_buffers_set:
             raise ValueError(f"model surgery: module '{name}' has non-persistent buffers "
                              f"({sorted(module._non_persistent_buffers_set)}), which a checkpoint cannot restore")
-    return copy.deepcopy(model).to_empty(device="meta")
+    skeleton = copy.deepcopy(model)
+    for module in skeleton.modules():  # hooks are plugins' run-time state (re-attached at set-up); closures do not pickle
+        for name, value in vars(module).items():
+            if name.startswith(("_forward", "_backward")) and "hooks" in name and isinstance(value, dict):
+                value.clear()
+    return skeleton.to_empty(device="meta")
 
 
 def rebuild(structure: nn.Module, state: dict[str, Tensor], device: torch.device | str = "cpu") -> nn.Module:

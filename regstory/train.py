@@ -212,7 +212,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if auto_resume(cfg.resume, run_dir / "checkpoints" / LAST) and (run_dir / "checkpoints" / LAST).exists():
             cfg, resume_changes = config_for_resume(cfg, run_dir, explicit_override_keys())
         with PreemptionGuard() as guard:
-            return _run(cfg, run_dir, device, env, guard, resume_changes, threads)
+            summary = _run(cfg, run_dir, device, env, guard, resume_changes, threads)
+        distributed.wait_for_all(env)  # a rank that leaves first can take the process group down under its peers
+        return summary
     finally:
         distributed.shutdown(env)
 

@@ -18,6 +18,7 @@ CONF = Path(conf_dir())
 TINY = ["dataset=biased_digits", "dataset.test_colours=2", "dataset.val_colours=1", "arch=mlp", "arch.width=64",
         "arch.depth=1", "trainer.epochs=2", "trainer.batch_size=128"]
 LOSS_HOOKS = ("sample_loss", "sample_weights", "extra_loss")
+MIMI_ARCH = ["arch=vit_tiny", "arch.dim=16", "arch.depth=1", "arch.heads=2", "arch.mlp_dim=16"]
 
 
 def options(group: str) -> list[str]:
@@ -31,9 +32,12 @@ def triple_overrides(method: str, debias: str, distill: str) -> list[str]:
     """A few steps of the triple: one pruning step (two rounds, as Voronoi mining needs), short probes and teacher."""
     cfg = make_cfg(f"method={method}", f"debias={debias}", f"distill={distill}")
     extra = [f"method={method}", f"debias={debias}", f"distill={distill}"]
-    extra += ["method.rounds=1", "method.entropy_samples=100"] if "rounds" in cfg.method else []
+    extra += ["method.rounds=1"] if "rounds" in cfg.method else []
+    extra += ["method.entropy_samples=100"] if "entropy_samples" in cfg.method else []
     extra += ["debias.probe_steps=5"] if "probe_steps" in cfg.debias else []
     extra += ["distill.teacher_epochs=1"] if "teacher_epochs" in cfg.distill else []
+    if method == "mimi":  # adapters need a transformer: a one-block vit_tiny instead of the MLP
+        return [*(o for o in TINY if not o.startswith("arch")), *MIMI_ARCH, "method.size=4", *extra]
     return [*TINY, *extra]
 
 

@@ -14,6 +14,10 @@ predict the bias from the *frozen* bottleneck features of the validation split (
 target, so the probe cannot read the bias through the class), then tested on the test split. High = the bottleneck
 still carries the bias; chance = 1 / num_bias_classes.
 
+Bias labels in training: ``uses_bias_labels`` (a class attribute, or set per instance where an option decides it)
+says whether the method reads them; a bias-agnostic method (False) gets its batches without ``batch["bias"]``
+(:mod:`regstory.plugins`), and ``summary.json`` reports ``bias_agnostic`` (Table 3.2's column).
+
 Evaluation: the plugin evaluates val and test itself every epoch (whatever ``trainer.eval_every`` says; the loop's
 own pass is skipped), since model selection needs every epoch's val metrics. Model selection: every epoch's record
 holds the test and val metrics; ``finalize`` reports the last epoch and the
@@ -191,6 +195,7 @@ class DebiasPlugin(Plugin):
         keys = [f"test_{k}" for k in GROUP_METRICS] + ["bias_probe_acc"] + self.summary_keys()
         summary: dict[str, Any] = {f"last_{k}": history[-1].get(k) for k in keys}
         summary["selection"] = self.selection
+        summary["bias_agnostic"] = not self.uses_bias_labels  # Table 3.2's column: trained without bias labels
         if self.selection != "last":
             last_round = history[-1]["round"]  # Voronoi's round 0 is its vanilla bias-inference model
             scored = [r for r in history if r["round"] == last_round and r.get(self.selection) is not None
@@ -212,6 +217,8 @@ class DebiasPlugin(Plugin):
 @option("debias", "vanilla")
 class Vanilla(DebiasPlugin):
     """Plain cross-entropy training with the debiasing metrics: the baseline of Tables 3.1 and 3.2."""
+
+    uses_bias_labels = False
 
 
 #: the keys every debiasing method inherits (its ``**options``): selection, probe_every, probe_steps

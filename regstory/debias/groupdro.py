@@ -89,6 +89,7 @@ class GroupDRO(DebiasPlugin):
                  balanced_sampler: bool = True, **options):
         super().__init__(**options)
         self.eta, self.adjustment, self.groups, self.balanced_sampler = eta, adjustment, groups, balanced_sampler
+        self.uses_bias_labels = groups == "bias"  # groups=target is the bias-agnostic variant
 
     def setup(self, ctx: "RunContext") -> None:
         super().setup(ctx)

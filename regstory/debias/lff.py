@@ -64,6 +64,8 @@ def relative_difficulty(ema_biased: Tensor, ema_debiased: Tensor) -> Tensor:
 class LfF(DebiasPlugin):
     """Learning from Failure. Defaults q = 0.7 and EMA alpha = 0.7 (authors' code)."""
 
+    uses_bias_labels = False  # bias-agnostic: trains with the bias labels removed from its batches
+
     def __init__(self, q: Annotated[float, Range(gt=0, le=1)] = 0.7, ema_alpha: Annotated[float, Range(ge=0, lt=1)] = 0.7,
                  **options):
         super().__init__(**options)

@@ -88,6 +88,8 @@ class VoronoiMining(DebiasPlugin):
     """Two rounds: vanilla bias inference (round 0), then the re-weighted, information-removing retraining (round 1).
     Defaults: gamma 2 (authors' code), head SGD lr 0.1 / momentum 0.9 / wd 1e-4, one warm-up epoch."""
 
+    uses_bias_labels = False  # bias-agnostic: mines pseudo-bias labels; its batches come without the true ones
+
     def __init__(self, gamma: Weight = 2.0, warmup_epochs: Annotated[int, Range(ge=0)] = 1, head_lr: Rate = 0.1,
                  head_momentum: Weight = 0.9, head_weight_decay: Weight = 1e-4, **options):
         super().__init__(**options)
@@ -111,6 +113,13 @@ class VoronoiMining(DebiasPlugin):
         self.num_classes = ctx.data.num_classes
         self.head = BiasHead(ctx.model.head.in_features, self.num_classes, device=ctx.device, **self.head_args)
         self.train_y = ctx.loaders["train"].split.y
+
+    def model_replaced(self, ctx: "RunContext", change) -> None:
+        """Model surgery (e.g. MiMi shrinking its adapters): the snapshot round 1 starts from follows the kept tensors;
+        new tensors start from their value now."""
+        if getattr(self, "initial_state", None) is not None:  # None: a surgery before this plugin's set-up
+            now = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+            self.initial_state = change.carry_dict(self.initial_state, fill=now)
 
     # ---- round 0: bias inference ---------------------------------------------------------------------------
     def start_epoch(self, ctx: "RunContext") -> None:

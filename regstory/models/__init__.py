@@ -1,6 +1,7 @@
 """Architectures (registry): ``regstory.models.create("resnet32", input_shape=(3, 32, 32), num_classes=10)``."""
 from regstory.models import lenet, mlp, resnet_cifar, torchvision_models, vgg  # noqa: F401  (register built-ins)
 from regstory.models import simple_convnet  # noqa: F401  (debiasing backbones)
+from regstory.models import vit  # noqa: F401  (ViTs with adapter sites)
 from regstory.models.base import MODELS, Classifier, count_parameters, register_model
 
 

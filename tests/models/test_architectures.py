@@ -8,7 +8,7 @@ SHAPES = {
     "mlp": (40,), "lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20": (3, 32, 32), "resnet32": (3, 32, 32),
     "resnet56": (3, 32, 32), "resnet18": (3, 32, 32), "vgg16": (3, 32, 32), "vgg_small": (3, 32, 32),
     "alexnet": (3, 32, 32), "resnet50": (3, 64, 64), "resnet101": (3, 64, 64), "simple_convnet": (3, 28, 28),
-    "resnet18_debias": (3, 64, 64),
+    "resnet18_debias": (3, 64, 64), "vit_tiny": (1, 8, 8), "vit_b_16": (3, 32, 32),
 }
 
 
