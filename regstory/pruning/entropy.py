@@ -57,6 +57,14 @@ def neuron_entropies(model: nn.Module, batches: Iterable[dict[str, Tensor]] | It
     One entry per *call site* of an ``nn.ReLU`` (:class:`regstory.activations.ActivationRecorder`): a module called
     k times per forward (torchvision's ResNet blocks reuse one ``relu`` after bn1, bn2 and the residual add) gives
     k layers ``name``, ``name#1``, ..., each with its own neurons: the i-th neuron of the l-th layer of eq. 2.16."""
+    return {site: binary_entropy_bits(p_on) for site, p_on in on_fractions(model, batches, zero_is_on).items()}
+
+
+@torch.no_grad()
+def on_fractions(model: nn.Module, batches: Iterable[dict[str, Tensor]] | Iterable[Tensor],
+                 zero_is_on: bool = False) -> dict[str, Tensor]:
+    """Per ReLU call site (as :func:`neuron_entropies` names them), each neuron's fraction of ON states (eq. 2.16)
+    over ``batches``, model in eval mode, on the CPU: 0 = always OFF, 1 = always ON."""
     was_training = model.training
     model.eval()
     recorder = ActivationRecorder(model, sites="auto", types=RECTIFIERS)
@@ -66,8 +74,7 @@ def neuron_entropies(model: nn.Module, batches: Iterable[dict[str, Tensor]] | It
                 model(batch["x"] if isinstance(batch, dict) else batch)
     finally:
         model.train(was_training)
-    return {site: binary_entropy_bits(recorder.pre[site].cpu()) for site in recorder.sites
-            if site in recorder.pre}
+    return {site: recorder.pre[site].cpu() for site in recorder.sites if site in recorder.pre}
 
 
 def entropy_summary(per_neuron: dict[str, Tensor]) -> dict[str, float]:

@@ -61,7 +61,8 @@ class ActivationEntropy(Measurement):
         self.samples, self.zero_is_on = samples, zero_is_on
         self.loader: TensorLoader | DatasetLoader | None = None
 
-    def __call__(self, ctx: "RunContext") -> dict[str, float]:
+    def subset(self, ctx: "RunContext") -> TensorLoader | DatasetLoader:
+        """The fixed, seeded subset of the train split the entropies are measured on (made once)."""
         if self.loader is None:
             train = ctx.loaders["train"]
             n = len(train.split)
@@ -70,7 +71,10 @@ class ActivationEntropy(Measurement):
                 gen = torch.Generator().manual_seed(int(ctx.cfg.seed))
                 chosen = torch.randperm(n, generator=gen)[: self.samples].sort().values
             self.loader = train.subset(chosen, int(ctx.cfg.trainer.eval_batch_size))
-        return entropy_summary(neuron_entropies(ctx.model, self.loader, self.zero_is_on))
+        return self.loader
+
+    def __call__(self, ctx: "RunContext") -> dict[str, float]:
+        return entropy_summary(neuron_entropies(ctx.model, self.subset(ctx), self.zero_is_on))
 
     def measure(self, sweep: "PruningSweep", ctx: "RunContext", record: dict[str, Any]) -> None:
         record.update(self(ctx))

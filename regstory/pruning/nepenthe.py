@@ -79,13 +79,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from regstory.activations import ActivationRecorder
 from regstory.config import ConfigError
 from regstory.models.base import Classifier
 from regstory.models.mlp import MLP
 from regstory.options import OneOf, Range, option
 from regstory.pruning.base import PruningSweep
-from regstory.pruning.entropy import RECTIFIERS, OnFraction, binary_entropy_bits, entropy_summary
+from regstory.pruning.entropy import RECTIFIERS, binary_entropy_bits, entropy_summary
+from regstory.pruning.entropy import on_fractions as entropy_on_fractions
 from regstory.pruning.masks import NORM_LAYERS, PRUNABLE_LAYERS, keep_masks_from_scores
 from regstory.pruning.measures import ActivationEntropy, Measurement
 from regstory.surgery import ModelChange, _replace
@@ -177,16 +177,7 @@ def on_fractions(model: nn.Module, batches: Iterable[dict[str, Tensor]] | Iterab
                  zero_is_on: bool = False) -> dict[str, Tensor]:
     """Per ReLU call site, each neuron's fraction of ON states (eq. 2.16) over ``batches`` (eval mode), float64 on
     the CPU: 0 = always OFF, 1 = always ON. Sites as :func:`regstory.pruning.entropy.neuron_entropies` names them."""
-    was_training = model.training
-    model.eval()
-    recorder = ActivationRecorder(model, sites="auto", types=RECTIFIERS)
-    try:
-        with recorder.capture(reduce=lambda: OnFraction(zero_is_on), record=("pre",)):
-            for batch in batches:
-                model(batch["x"] if isinstance(batch, dict) else batch)
-    finally:
-        model.train(was_training)
-    return {site: recorder.pre[site].double().cpu() for site in recorder.sites if site in recorder.pre}
+    return {site: p_on.double() for site, p_on in entropy_on_fractions(model, batches, zero_is_on).items()}
 
 
 def state_counts(p_on: Tensor) -> tuple[int, int, int]:
@@ -206,17 +197,6 @@ class NeuronStates(ActivationEntropy):
     def __init__(self, samples: int | None, zero_is_on: bool):
         super().__init__(samples, zero_is_on)
         self.p_on: dict[str, Tensor] = {}
-
-    def subset(self, ctx: "RunContext"):
-        if self.loader is None:  # as ActivationEntropy: a fixed, seeded subset of the train split
-            train = ctx.loaders["train"]
-            n = len(train.split)
-            chosen = torch.arange(n)
-            if self.samples and self.samples < n:
-                gen = torch.Generator().manual_seed(int(ctx.cfg.seed))
-                chosen = torch.randperm(n, generator=gen)[: self.samples].sort().values
-            self.loader = train.subset(chosen, int(ctx.cfg.trainer.eval_batch_size))
-        return self.loader
 
     def __call__(self, ctx: "RunContext") -> dict[str, float]:
         self.p_on = on_fractions(ctx.model, self.subset(ctx), self.zero_is_on)
