@@ -10,8 +10,9 @@ from regstory.config import check_targets, check_values
 from regstory.debias.base import DebiasPlugin
 from tests.conftest import make_cfg
 
-T3_2 = ["vanilla", "end", "lff", "groupdro", "voronoi"]
-T3_1 = [(method, target) for method in ("irene", "vanilla") for target in ("Blond_Hair", "Heavy_Makeup")]
+T3_2 = ["vanilla", "end", "lff", "groupdro", "voronoi", "di", "biascon"]
+T3_1 = [(method, target) for method in ("irene", "vanilla", "rubi", "learned_mixin")
+        for target in ("Blond_Hair", "Heavy_Makeup")]
 
 # what each row's source uses (methods-debias.md): ImageNet weights, the bottleneck's last activation, selection
 T3_2_ROWS = {
@@ -20,6 +21,8 @@ T3_2_ROWS = {
     "lff": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
     "groupdro": dict(pretrained=True, activation=nn.ReLU, selection="val_worst_group_acc"),  # --save_best
     "voronoi": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
+    "di": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
+    "biascon": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
 }
 
 
@@ -40,7 +43,7 @@ def test_table3_2_row_composes_its_sources_network_and_plugin(method):
     model, plugin = build(cfg)
     assert isinstance(model.body.layer4[1].relu, row["activation"])
     assert isinstance(plugin, DebiasPlugin) and plugin.selection == row["selection"]
-    assert type(plugin).__name__.lower().startswith({"groupdro": "groupdro", "voronoi": "voronoi"}.get(method, method))
+    assert type(plugin).__name__.lower().startswith({"di": "domainindependent"}.get(method, method))
     if method == "end":
         assert (plugin.alpha, plugin.beta) == (0.1, 0.1) and plugin.normalize_classifier_input is True
         model.eval()
@@ -56,7 +59,7 @@ def test_table3_1_row_composes_irenes_from_scratch_network(method, target):
     assert (cfg.dataset.target, cfg.dataset.test_split, cfg.dataset.balanced_test) == (target, "test", False)
     model, plugin = build(cfg)
     assert isinstance(model.body.layer4[1].relu, nn.ReLU)  # raw GAP output, as IRENE's hook reads it
-    assert type(plugin).__name__.lower() == method and plugin.selection == "val_acc"
+    assert type(plugin).__name__.lower() == method.replace("_", "") and plugin.selection == "val_acc"
     if method == "irene":
         assert (plugin.alpha, plugin.gamma, plugin.head_args["lr"]) == (0.5, 0.2, 0.1)
 
