@@ -36,6 +36,8 @@ def triple_overrides(method: str, debias: str, distill: str) -> list[str]:
     extra += ["method.entropy_samples=100"] if "entropy_samples" in cfg.method else []
     extra += ["debias.probe_steps=5"] if "probe_steps" in cfg.debias else []
     extra += ["distill.teacher_epochs=1"] if "teacher_epochs" in cfg.distill else []
+    if debias == "rebias":  # an MLP has no kernel size to shrink: ReBias's biased network is a narrow MLP of its own
+        extra += ["debias.biased_arch={_target_:regstory.models.mlp.mlp,width:16,depth:1}"]
     if method == "mimi":  # adapters need a transformer: a one-block vit_tiny instead of the MLP
         return [*(o for o in TINY if not o.startswith("arch")), *MIMI_ARCH, "method.size=4", *extra]
     return [*TINY, *extra]

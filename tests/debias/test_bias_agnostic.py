@@ -89,6 +89,8 @@ BIAS_AGNOSTIC = {
     "rubi": False,  # its bias-only branch reads the bias label
     "learned_mixin": False,  # its bias expert is p(y | b) of the bias labels
     "di": False,  # each sample is trained on the head of its bias value
+    "rebias": True,  # the bias is defined by its biased networks' architecture (small receptive field), trained on y
+    "lnl": False,  # its predictor h is trained on the bias label
     "biascon": False,  # positives (same target, different bias) and BiasBal's prior need bias labels
 }
 

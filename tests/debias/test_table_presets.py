@@ -10,8 +10,8 @@ from regstory.config import check_targets, check_values
 from regstory.debias.base import DebiasPlugin
 from tests.conftest import make_cfg
 
-T3_2 = ["vanilla", "end", "lff", "groupdro", "voronoi", "di", "biascon"]
-T3_1 = [(method, target) for method in ("irene", "vanilla", "rubi", "learned_mixin")
+T3_2 = ["vanilla", "end", "lnl", "lff", "groupdro", "voronoi", "di", "biascon"]
+T3_1 = [(method, target) for method in ("irene", "vanilla", "rubi", "rebias", "learned_mixin")
         for target in ("Blond_Hair", "Heavy_Makeup")]
 
 # what each row's source uses (methods-debias.md): ImageNet weights, the bottleneck's last activation, selection
@@ -21,6 +21,7 @@ T3_2_ROWS = {
     "lff": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
     "groupdro": dict(pretrained=True, activation=nn.ReLU, selection="val_worst_group_acc"),  # --save_best
     "voronoi": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
+    "lnl": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
     "di": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
     "biascon": dict(pretrained=True, activation=nn.ReLU, selection="val_unbiased_acc"),
 }
@@ -44,6 +45,8 @@ def test_table3_2_row_composes_its_sources_network_and_plugin(method):
     assert isinstance(model.body.layer4[1].relu, row["activation"])
     assert isinstance(plugin, DebiasPlugin) and plugin.selection == row["selection"]
     assert type(plugin).__name__.lower().startswith({"di": "domainindependent"}.get(method, method))
+    if method == "lnl":  # Hong & Yang's CelebA LNL: h on layer2's 128-channel map, entropy weight 1
+        assert (plugin.site, plugin.entropy_weight, plugin.grl_scale) == ("body.layer2", 1.0, 0.1)
     if method == "end":
         assert (plugin.alpha, plugin.beta) == (0.1, 0.1) and plugin.normalize_classifier_input is True
         model.eval()
@@ -62,6 +65,10 @@ def test_table3_1_row_composes_irenes_from_scratch_network(method, target):
     assert type(plugin).__name__.lower() == method.replace("_", "") and plugin.selection == "val_acc"
     if method == "irene":
         assert (plugin.alpha, plugin.gamma, plugin.head_args["lr"]) == (0.5, 0.2, 0.1)
+    if method == "rebias":  # a small-receptive-field g of its own (the ResNet-18 has no kernel-size option)
+        g = instantiate(plugin.biased_arch_config(cfg.arch), input_shape=[3, 224, 224], num_classes=2)
+        assert all(m.kernel_size == (1, 1) for m in g.modules() if isinstance(m, nn.Conv2d))
+        assert plugin.sigma is None  # the median heuristic, ReBias's ImageNet setting
 
 
 def test_the_end_row_fragment_touches_table3_2_only():
