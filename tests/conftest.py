@@ -98,3 +98,17 @@ def interrupt_then_resume(monkeypatch, cls, hook: str, at: tuple[int, int], over
         run(make_cfg(*overrides), run_dir=run_dir)
     monkeypatch.setattr(cls, hook, original)
     return run(make_cfg(*overrides, "resume=true"), run_dir=run_dir)
+
+
+def owned_linear(weight, bias):
+    """A plugin-owned Linear (:class:`regstory.debias.rubi.OwnedModule`, the default trainer's optimizer) whose
+    weight and bias are set by hand: a head, branch or gate of a unit test."""
+    from torch import nn
+
+    from regstory.debias.rubi import OwnedModule
+
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(torch.as_tensor(bias, dtype=linear.bias.dtype).expand_as(linear.bias))
+    return OwnedModule(linear, make_cfg().trainer)

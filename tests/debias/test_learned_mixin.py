@@ -6,13 +6,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from regstory.debias.learned_mixin import LearnedMixin, bias_log_prior, learned_mixin_terms
-from regstory.debias.rubi import OwnedModule
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
+from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl, run_cli
 from tests.debias.test_end_to_end import TINY
 from tests.debias.test_rubi import plain_model_test_accuracy
 
@@ -58,11 +56,7 @@ def test_bias_expert_is_the_training_split_p_y_given_b_with_a_floor():
 def test_plugin_gates_the_bias_expert_from_the_bottleneck_and_trains_gate_and_encoder():
     plugin = LearnedMixin(entropy_weight=0.5)
     plugin.log_prior = torch.log(torch.tensor([[0.8, 0.2], [0.3, 0.7]]))
-    linear = nn.Linear(2, 1)
-    with torch.no_grad():
-        linear.weight.copy_(torch.tensor([[1.0, -1.0]]))
-        linear.bias.fill_(0.5)
-    plugin.gate = OwnedModule(linear, make_cfg().trainer)
+    plugin.gate = owned_linear(torch.tensor([[1.0, -1.0]]), 0.5)
     plugin._gate_sum, plugin._gate_count = torch.zeros(()), 0
     z = torch.tensor([[0.5, 1.0], [2.0, 0.0]], requires_grad=True)
     logits = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
@@ -81,7 +75,7 @@ def test_plugin_gates_the_bias_expert_from_the_bottleneck_and_trains_gate_and_en
     extra = plugin.extra_loss(None, batch, out)["learned_mixin_entropy"]
     assert extra.item() == pytest.approx(0.5 * sum(entropies) / 2, rel=1e-6)
     (task.mean() + extra).backward()
-    assert linear.weight.grad.abs().sum() > 0 and z.grad.abs().sum() > 0  # the gate's gradient reaches the encoder
+    assert plugin.gate.module.weight.grad.abs().sum() > 0 and z.grad.abs().sum() > 0  # the gate's gradient reaches the encoder
     assert plugin._gate_count == 2 and plugin._gate_sum.item() == pytest.approx(sum(gates), rel=1e-6)
 
 

@@ -11,10 +11,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from regstory.debias.lnl import LNL, grad_reverse, negative_entropy
-from regstory.debias.rubi import OwnedModule
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
+from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl, run_cli
 from tests.debias.test_end_to_end import TINY
 from tests.debias.test_rubi import plain_model_test_accuracy
 
@@ -44,11 +43,7 @@ def plugin_with_predictor(weight, bias, entropy_weight=0.5, grl_scale=0.1):
     """An LNL plugin on the bottleneck whose predictor h is set by hand (no run)."""
     plugin = LNL(entropy_weight=entropy_weight, grl_scale=grl_scale)
     plugin.num_bias = weight.shape[0]
-    linear = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-    plugin.predictor = OwnedModule(linear, make_cfg().trainer)
+    plugin.predictor = owned_linear(weight, bias)
     return plugin
 
 

@@ -14,7 +14,6 @@ from regstory.debias.rebias import (ReBias, hsic_biased, hsic_unbiased, median_r
 from regstory.plugins import StepOutput
 from regstory.train import run
 from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
-from tests.debias.test_celeba import fake_celeba  # noqa: F401 (fixture)
 from tests.debias.test_end_to_end import TINY
 
 

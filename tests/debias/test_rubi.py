@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
-from regstory.debias.rubi import RUBi, OwnedModule, rubi_fused_logits, rubi_loss
+from regstory.debias.rubi import RUBi, rubi_fused_logits, rubi_loss
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
+from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl, run_cli
 from tests.debias.test_end_to_end import TINY
 
 
@@ -60,11 +59,7 @@ def plugin_with_table(weight, bias, w_q=1.0):
     """A RUBi plugin whose bias-only branch g(b) = W onehot(b) + c is set by hand (no run)."""
     plugin = RUBi(question_loss_weight=w_q)
     plugin.num_bias = weight.shape[1]
-    linear = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-    plugin.branch = OwnedModule(linear, make_cfg().trainer)
+    plugin.branch = owned_linear(weight, bias)
     return plugin
 
 
