@@ -122,6 +122,9 @@ class GroupDRO(DebiasPlugin):
         record["groupdro_max_q"] = self.q.max().item()
         return record
 
+    def summary_keys(self) -> list[str]:
+        return ["groupdro_max_q"]
+
     def state_dict(self) -> dict[str, Any]:
         return {"q": self.q.cpu()}
 

@@ -119,6 +119,9 @@ class LearnedMixin(TaskLossPlugin):
         self._gate_count = 0
         return record
 
+    def summary_keys(self) -> list[str]:
+        return ["learned_mixin_gate"]
+
     def model_replaced(self, ctx, change) -> None:
         self.gate = follow_bottleneck(self.gate, ctx, change)
 

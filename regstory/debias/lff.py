@@ -117,6 +117,9 @@ class LfF(DebiasPlugin):
         record["lff_biased_test_acc"] = test["acc"]
         return record
 
+    def summary_keys(self) -> list[str]:
+        return ["lff_biased_test_acc"]
+
     def state_dict(self) -> dict[str, Any]:
         return {"biased": self.biased.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),

@@ -135,6 +135,9 @@ def test_end_to_end_bias_agnostic_with_a_1x1_kernel_biased_network(tmp_path):
     assert summary["bias_agnostic"] is True
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert all(r["loss/rebias_hsic"] > 0 for r in records) and 0 <= summary["last_rebias_biased_test_acc"] <= 1
+    # the unweighted HSIC(f, g) of each epoch (mean over steps; the loss term is a per-sample mean, lambda_f = 1)
+    assert all(r["rebias_hsic_fg"] == pytest.approx(r["loss/rebias_hsic"], rel=0.2) for r in records)
+    assert summary["last_rebias_hsic_fg"] == records[-1]["rebias_hsic_fg"]
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     g = state["plugins"]["debias"]["biased"]
     convs = [v for k, v in g.items() if k.endswith("weight") and v.dim() == 4]
