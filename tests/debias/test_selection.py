@@ -62,8 +62,10 @@ def test_the_cli_refuses_a_test_selection_before_creating_any_folder(tmp_path):
 
 def test_groupdro_selects_on_worst_group_validation_accuracy_as_its_authors():
     assert GroupDRO().selection == "val_worst_group_acc"
-    for overrides in (["debias=groupdro"], ["experiment=debias_digits_groupdro"], ["experiment=table3_2", "debias=groupdro"]):
+    for overrides in (["debias=groupdro"], ["experiment=table3_2", "debias=groupdro"]):
         assert make_cfg(*overrides).debias.selection == "val_worst_group_acc", overrides
+    # the offline digits' val has ~5 images per group and a worst group at 0 in every epoch: its preset says so
+    assert make_cfg("experiment=debias_digits_groupdro").debias.selection == "val_unbiased_acc"
     history = [record(0, 1.0, 0.5, worst=0.1), record(1, 1.0, 0.4, worst=0.3)]
     summary = GroupDRO().finalize(SimpleNamespace(history=history))
     assert summary["selected_epoch"] == 1 and summary["selection"] == "val_worst_group_acc"
