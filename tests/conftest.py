@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import atexit
+import copy
+import functools
 import os
 import shutil
 import subprocess
@@ -46,11 +48,17 @@ def _data_root(tmp_path_factory):
 
 
 def make_cfg(*overrides: str, fast: bool = True):
-    """Compose ``conf/config.yaml`` with overrides, exactly as the CLI would (without Hydra's run dir)."""
+    """Compose ``conf/config.yaml`` with overrides, exactly as the CLI would (without Hydra's run dir). Each distinct
+    composition is made once per session; every call returns its own copy (a test may change it)."""
+    return copy.deepcopy(_composed(conf_dir(), tuple(FAST if fast else ()) + tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(config_dir: str, overrides: tuple[str, ...]):
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        return compose("config", overrides=[*(FAST if fast else []), *overrides])
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose("config", overrides=list(overrides))
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300, check: bool = True,

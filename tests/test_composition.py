@@ -28,14 +28,23 @@ def options(group: str) -> list[str]:
 TRIPLES = [(m, d, k) for m in options("method") for d in options("debias") for k in options("distill")]
 
 
+@functools.cache
+def option_keys(group: str, name: str) -> frozenset[str]:
+    """The keys of one option of a config group (composed once per option, not once per triple)."""
+    return frozenset(make_cfg(f"{group}={name}")[group].keys())
+
+
 def triple_overrides(method: str, debias: str, distill: str) -> list[str]:
-    """A few steps of the triple: one pruning step (two rounds, as Voronoi mining needs), short probes and teacher."""
-    cfg = make_cfg(f"method={method}", f"debias={debias}", f"distill={distill}")
+    """A few steps of the triple: one pruning step (two rounds, as Voronoi mining needs), short probes and teacher;
+    no footprint measurement (tests/pruning/test_footprint.py has it)."""
+    keys = {"method": option_keys("method", method), "debias": option_keys("debias", debias),
+            "distill": option_keys("distill", distill)}
     extra = [f"method={method}", f"debias={debias}", f"distill={distill}"]
-    extra += ["method.rounds=1"] if "rounds" in cfg.method else []
-    extra += ["method.entropy_samples=100"] if "entropy_samples" in cfg.method else []
-    extra += ["debias.probe_steps=5"] if "probe_steps" in cfg.debias else []
-    extra += ["distill.teacher_epochs=1"] if "teacher_epochs" in cfg.distill else []
+    extra += ["method.rounds=1"] if "rounds" in keys["method"] else []
+    extra += ["method.entropy_samples=100"] if "entropy_samples" in keys["method"] else []
+    extra += ["method.footprint=none"] if "footprint" in keys["method"] else []
+    extra += ["debias.probe_steps=5"] if "probe_steps" in keys["debias"] else []
+    extra += ["distill.teacher_epochs=1"] if "teacher_epochs" in keys["distill"] else []
     if debias == "rebias":  # an MLP has no kernel size to shrink: ReBias's biased network is a narrow MLP of its own
         extra += ["debias.biased_arch={_target_:regstory.models.mlp.mlp,width:16,depth:1}"]
     if method == "mimi":  # adapters need a transformer: a one-block vit_tiny instead of the MLP

@@ -1,6 +1,7 @@
 """scikit-learn's bundled 8x8 digits: real, offline, tiny (1797 images)."""
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import torch
@@ -11,7 +12,14 @@ from regstory.options import Range
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1797 digits as (N, 1, 8, 8) floats in [0, 1] and (N,) labels."""
+    """All 1797 digits as (N, 1, 8, 8) floats in [0, 1] and (N,) labels (fresh tensors: the caller may change them)."""
+    x, y = _parsed_digits()
+    return x.clone(), y.clone()
+
+
+@functools.cache
+def _parsed_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits parsed once per process (its loader reads and parses a compressed CSV each call)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()

@@ -167,3 +167,15 @@ def test_cli_lnl_preset(tmp_path):
     assert "loss/lnl_entropy" in read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
     cfg = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert cfg.debias._target_ == "regstory.debias.lnl.LNL" and cfg.experiment_name == "debias_digits_lnl"
+
+
+def test_table3_2_lnl_row_trains_on_celeba_files_with_its_predictor_on_layer2(fake_celeba, tmp_path):
+    """The Table 3.2 row end to end on CelebA in torchvision's on-disk format (tiny fake images, no ImageNet
+    weights): h reads ResNet-18's 128-channel layer2 map, as Hong & Yang's CelebA LNL."""
+    cfg = make_cfg("experiment=table3_2", "debias=lnl", f"data.root={fake_celeba}", "data.download=false",
+                   "arch.pretrained=false", "dataset.image_size=16", "trainer.epochs=1", "trainer.batch_size=16",
+                   "debias.probe_steps=5")
+    summary = run(cfg, run_dir=tmp_path / "run")
+    assert summary["bias_agnostic"] is False and 0 <= summary["last_lnl_predictor_bias_acc"] <= 1
+    predictor = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["plugins"]["debias"]
+    assert predictor["predictor"]["module"]["weight"].shape == (2, 128)
