@@ -191,12 +191,14 @@ class ReBias(DebiasPlugin):
         modes = [m.training for m in models]
         for m in models:
             m.eval()
-        for batch in loader.subset(index):
-            with ctx.autocast():
-                f_feats.append(ctx.model(batch["x"], return_features=True)[1].float().flatten(1))
-                g_feats += [g(batch["x"], return_features=True)[1].float().flatten(1) for g in self.biased]
-        for m, mode in zip(models, modes):
-            m.train(mode)
+        try:
+            for batch in loader.subset(index):
+                with ctx.autocast():
+                    f_feats.append(ctx.model(batch["x"], return_features=True)[1].float().flatten(1))
+                    g_feats += [g(batch["x"], return_features=True)[1].float().flatten(1) for g in self.biased]
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
         return median_radius(f_feats), median_radius(g_feats)
 
     # ---- the minimax step --------------------------------------------------------------------------------------
