@@ -1,7 +1,6 @@
 """BiasCon (Hong & Yang 2021, authors' ``DebiasSupConLoss``): supervised contrastive loss whose positives are the
 samples of the same target and a different bias; BiasBal: training logits shifted by log p(y | b); the contrastive
 batch drawn with weights 1 / p(b | y) clipped at ratio x the smallest."""
-import json
 import math
 
 import pytest
@@ -11,8 +10,8 @@ from regstory.debias.biascon import (BiasCon, bias_balanced_logits, bias_contras
                                      contrast_sampling_weights)
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
-from tests.debias.test_end_to_end import TINY
+from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl
+from tests.debias.test_end_to_end import TINY, run_preset_cli
 from tests.debias.test_rubi import plain_model_test_accuracy
 
 Z = [(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.6, 0.8)]
@@ -113,9 +112,6 @@ def test_run_tests_the_model_alone_and_resumes(balanced, tmp_path, monkeypatch):
 
 
 def test_cli_biascon_preset_with_biasbal(tmp_path):
-    run_cli("experiment=debias_digits_biascon", "debias.balanced=true", "trainer.epochs=2", "dataset.test_colours=1",
-            "dataset.val_colours=1", "arch.channels=[8,16,16]", "debias.probe_steps=10", "logger.wandb.mode=disabled",
-            "logger.progress=none", "trainer.num_threads=1", "hydra.run.dir=run", cwd=tmp_path)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run_dir, summary = run_preset_cli(tmp_path, "debias_digits_biascon", "debias.balanced=true", epochs=2)
     assert summary["bias_agnostic"] is False and 0 <= summary["last_test_unbiased_acc"] <= 1
-    assert "balanced: true" in (tmp_path / "run" / "config.yaml").read_text()
+    assert "balanced: true" in (run_dir / "config.yaml").read_text()

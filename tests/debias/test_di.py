@@ -1,7 +1,6 @@
 """Domain-independent training (Wang et al. 2020): one head per bias value; each training sample is
 classified by the head of its own bias value (softmax over that head's classes); at inference the heads' scores are
 summed, y^ = argmax_y sum_d s(y, d, x)."""
-import json
 import math
 from types import SimpleNamespace
 
@@ -13,8 +12,8 @@ from regstory.debias.domain_independent import DomainIndependent, di_cross_entro
 from regstory.models.base import Classifier
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
-from tests.debias.test_end_to_end import TINY
+from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl
+from tests.debias.test_end_to_end import TINY, run_preset_cli
 from tests.debias.test_rubi import plain_model_test_accuracy
 
 
@@ -116,12 +115,9 @@ def test_run_evaluates_the_summed_heads_and_resumes(tmp_path, monkeypatch):
 
 
 def test_cli_di_preset(tmp_path):
-    run_cli("experiment=debias_digits_di", "trainer.epochs=2", "dataset.test_colours=1", "dataset.val_colours=1",
-            "arch.channels=[8,16,16]", "debias.probe_steps=10", "logger.wandb.mode=disabled", "logger.progress=none",
-            "trainer.num_threads=1", "hydra.run.dir=run", cwd=tmp_path)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run_dir, summary = run_preset_cli(tmp_path, "debias_digits_di", epochs=2)
     assert summary["bias_agnostic"] is False and 0 <= summary["last_test_unbiased_acc"] <= 1
-    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
 
 
 def test_heads_follow_a_surgery_that_narrows_the_bottleneck():

@@ -13,6 +13,15 @@ TINY = ["dataset=biased_digits", "arch=simple_convnet_small", "arch.channels=[8,
 METHODS = ["vanilla", "end", "irene", "voronoi", "lff", "groupdro"]
 
 
+def run_preset_cli(cwd, preset: str, *overrides: str, epochs: int = 1):
+    """``regstory-run experiment=<preset>`` as a user types it, on a tiny network and tiny splits (W&B off, one
+    thread), in ``cwd/run``; returns that folder and its summary."""
+    run_cli(f"experiment={preset}", f"trainer.epochs={epochs}", "dataset.test_colours=1", "dataset.val_colours=1",
+            "arch.channels=[8,16,16]", "debias.probe_steps=10", "logger.wandb.mode=disabled", "logger.progress=none",
+            "trainer.num_threads=1", *overrides, "hydra.run.dir=run", cwd=cwd)
+    return cwd / "run", json.loads((cwd / "run" / "summary.json").read_text())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_and_logs_debias_metrics(method, tmp_path):
     summary = run(make_cfg(*TINY, f"debias={method}"), run_dir=tmp_path)

@@ -1,7 +1,6 @@
 """LearnedMixin + H (Clark et al. 2019; ReBias's ``LearnedMixin``): the product of experts
 softmax(f + g(x) log b) with the learned gate g(x) = softplus(w.h + c), plus w_H times the entropy of
 softmax(g(x) log b); the bias expert log b = log p(y | b) of the training labels; the main model alone at test time."""
-import json
 import math
 
 import pytest
@@ -10,8 +9,8 @@ import torch
 from regstory.debias.learned_mixin import LearnedMixin, bias_log_prior, learned_mixin_terms
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl, run_cli
-from tests.debias.test_end_to_end import TINY
+from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl
+from tests.debias.test_end_to_end import TINY, run_preset_cli
 from tests.debias.test_rubi import plain_model_test_accuracy
 
 
@@ -94,9 +93,6 @@ def test_run_tests_the_main_model_alone_and_resumes(tmp_path, monkeypatch):
 
 
 def test_cli_learned_mixin_preset(tmp_path):
-    run_cli("experiment=debias_digits_learned_mixin", "trainer.epochs=2", "dataset.test_colours=1",
-            "dataset.val_colours=1", "arch.channels=[8,16,16]", "debias.probe_steps=10", "logger.wandb.mode=disabled",
-            "logger.progress=none", "trainer.num_threads=1", "hydra.run.dir=run", cwd=tmp_path)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run_dir, summary = run_preset_cli(tmp_path, "debias_digits_learned_mixin", epochs=2)
     assert summary["bias_agnostic"] is False and 0 <= summary["last_test_unbiased_acc"] <= 1
-    assert "loss/learned_mixin_entropy" in read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert "loss/learned_mixin_entropy" in read_jsonl(run_dir / "metrics.jsonl")[-1]

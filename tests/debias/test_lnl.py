@@ -1,7 +1,6 @@
 """LNL (Kim et al. 2019; the authors' ``trainer.py`` and Hong & Yang's re-implementation): f minimises
 CE + lambda * sum_k p_k log p_k of the bias predictor h's softmax (h's parameters constant there), h its bias CE
 through a gradient-reversal layer that sends -grl_scale times the gradient into f; f alone at test time."""
-import json
 import math
 
 import pytest
@@ -13,8 +12,8 @@ from torch import nn
 from regstory.debias.lnl import LNL, grad_reverse, negative_entropy
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl, run_cli
-from tests.debias.test_end_to_end import TINY
+from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl
+from tests.debias.test_end_to_end import TINY, run_preset_cli
 from tests.debias.test_rubi import plain_model_test_accuracy
 
 SITE = "encoder.3"  # simple_convnet_small's second conv (16 channels under TINY), before the max-pool
@@ -158,14 +157,11 @@ def test_unknown_option_fails_fast(tmp_path):
 
 
 def test_cli_lnl_preset(tmp_path):
-    run_cli("experiment=debias_digits_lnl", "trainer.epochs=1", "dataset.test_colours=1", "dataset.val_colours=1",
-            "arch.channels=[8,16,16]", "debias.probe_steps=10", "logger.wandb.mode=disabled", "logger.progress=none",
-            "trainer.num_threads=1", "hydra.run.dir=run", cwd=tmp_path)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run_dir, summary = run_preset_cli(tmp_path, "debias_digits_lnl")
     assert summary["bias_agnostic"] is False and summary["selection"] == "val_unbiased_acc"
     assert 0 <= summary["last_lnl_predictor_bias_acc"] <= 1 and "selected_test_conflicting_acc" in summary
-    assert "loss/lnl_entropy" in read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
-    cfg = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert "loss/lnl_entropy" in read_jsonl(run_dir / "metrics.jsonl")[-1]
+    cfg = OmegaConf.load(run_dir / "config.yaml")
     assert cfg.debias._target_ == "regstory.debias.lnl.LNL" and cfg.experiment_name == "debias_digits_lnl"
 
 

@@ -1,7 +1,6 @@
 """ReBias (Bahng et al. 2020; clovaai/rebias): f minimises CE + HSIC(f, g) against biased networks g of small
 receptive field, which minimise CE - HSIC(g, f); RBF kernels, the unbiased HSIC estimator."""
 import itertools
-import json
 import math
 
 import pytest
@@ -13,8 +12,8 @@ from regstory.debias.rebias import (ReBias, hsic_biased, hsic_unbiased, median_r
                                     squared_distances)
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl, run_cli
-from tests.debias.test_end_to_end import TINY
+from tests.conftest import interrupt_then_resume, make_cfg, read_jsonl
+from tests.debias.test_end_to_end import TINY, run_preset_cli
 
 
 def random_kernels(m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,12 +173,9 @@ def test_resume_continues_the_biased_networks(tmp_path, monkeypatch):
 
 
 def test_cli_rebias_preset(tmp_path):
-    run_cli("experiment=debias_digits_rebias", "trainer.epochs=1", "dataset.test_colours=1", "dataset.val_colours=1",
-            "arch.channels=[8,16,16]", "debias.probe_steps=10", "logger.wandb.mode=disabled", "logger.progress=none",
-            "trainer.num_threads=1", "hydra.run.dir=run", cwd=tmp_path)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run_dir, summary = run_preset_cli(tmp_path, "debias_digits_rebias")
     assert summary["bias_agnostic"] is True and summary["selection"] == "val_unbiased_acc"
-    assert OmegaConf.load(tmp_path / "run" / "config.yaml").debias._target_ == "regstory.debias.rebias.ReBias"
+    assert OmegaConf.load(run_dir / "config.yaml").debias._target_ == "regstory.debias.rebias.ReBias"
 
 
 def test_table3_1_rebias_row_trains_on_celeba_files(fake_celeba, tmp_path):

@@ -1,6 +1,5 @@
 """RUBi (Cadene et al. 2019, as in ReBias's ``criterions/comparison_methods.py``): the bias-only branch's sigmoid masks
 the logits in training, L = CE(f * sigmoid(g), y) + w_q CE(g, y); the main model alone at test time."""
-import json
 import math
 
 import pytest
@@ -10,8 +9,8 @@ from omegaconf import OmegaConf
 from regstory.debias.rubi import RUBi, rubi_fused_logits, rubi_loss
 from regstory.plugins import StepOutput
 from regstory.train import run
-from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl, run_cli
-from tests.debias.test_end_to_end import TINY
+from tests.conftest import interrupt_then_resume, make_cfg, owned_linear, read_jsonl
+from tests.debias.test_end_to_end import TINY, run_preset_cli
 
 
 def ce(logits, y):
@@ -117,14 +116,11 @@ def test_trained_run_tests_the_main_model_alone_and_resumes(tmp_path, monkeypatc
 
 
 def test_cli_rubi_preset(tmp_path):
-    run_cli("experiment=debias_digits_rubi", "trainer.epochs=2", "dataset.test_colours=1", "dataset.val_colours=1",
-            "arch.channels=[8,16,16]", "debias.probe_steps=10", "logger.wandb.mode=disabled", "logger.progress=none",
-            "trainer.num_threads=1", "hydra.run.dir=run", cwd=tmp_path)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    run_dir, summary = run_preset_cli(tmp_path, "debias_digits_rubi", epochs=2)
     assert summary["bias_agnostic"] is False and summary["selection"] == "val_unbiased_acc"
     assert 0 <= summary["last_test_conflicting_acc"] <= 1
-    assert "loss/rubi_bias" in read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
-    assert OmegaConf.load(tmp_path / "run" / "config.yaml").debias._target_ == "regstory.debias.rubi.RUBi"
+    assert "loss/rubi_bias" in read_jsonl(run_dir / "metrics.jsonl")[-1]
+    assert OmegaConf.load(run_dir / "config.yaml").debias._target_ == "regstory.debias.rubi.RUBi"
 
 
 def test_composes_with_distillation_on_the_masked_cross_entropy(tmp_path, monkeypatch):
